@@ -1,0 +1,176 @@
+"""The `lavit` command: thin typer commands over the `lavit_mlx` library.
+
+Each command parses its options, resolves paths, calls one library function and prints.
+Errors a user can fix are printed as one line (`error: ...`), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="lavit",
+    help="LaVIT on MLX: tokenize, understand and generate images.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+MODEL_ENV = "LAVIT_MODEL"
+
+ModelOption = typer.Option(
+    None, "--model", "-m",
+    help=f"LaVIT checkpoint folder (released layout). Default: ${MODEL_ENV}.",
+    show_default=False,
+)
+VisionHeadsOption = typer.Option(
+    None, "--vision-heads", min=1,
+    help="Attention heads of the ViT, merger and VQ decoders (release: 16; shapes cannot tell).",
+)
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=_stderr(), transient=True,
+    )
+
+
+def _open_model(model: Optional[Path], vision_heads: Optional[int]):
+    from lavit_mlx import load
+    from lavit_mlx.errors import LaVITError
+
+    path = model or (Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else None)
+    if path is None:
+        raise LaVITError(f"no model given: pass --model DIR or set {MODEL_ENV}")
+    lavit = load(path, vision_heads=vision_heads)
+    _stderr().print(f"model: {lavit.checkpoint.describe()}", highlight=False)
+    return lavit
+
+
+def _version_callback(value: bool):
+    if value:
+        from lavit_mlx import __version__
+
+        typer.echo(f"lavit-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+):
+    """LaVIT on MLX: tokenize, understand and generate images."""
+
+
+@app.command()
+def info(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Also describe this checkpoint folder."),
+    vision_heads: Optional[int] = VisionHeadsOption,
+):
+    """Print versions, the MLX device and which BLAS MLX uses."""
+    from lavit_mlx.runtime import describe_runtime
+
+    report, warnings = describe_runtime()
+    for key, value in report.items():
+        typer.echo(f"{key:<12} {value}")
+    if model is not None:
+        lavit = _open_model(model, vision_heads)
+        for key, value in lavit.describe().items():
+            typer.echo(f"{key:<12} {value}")
+    for warning in warnings:
+        _stderr().print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+@app.command()
+def tokenize(
+    images: List[Path] = typer.Argument(..., help="Image files (any format PIL reads)."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    sample: bool = typer.Option(
+        False, "--sample", help="Sample the token selection (Gumbel, as the official inference) instead of the deterministic rule."
+    ),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --sample (default: random, printed)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {image, num_tokens, codes}."),
+):
+    """Turn images into LaVIT's dynamic discrete visual tokens."""
+    lavit = _open_model(model, vision_heads)
+    if sample and seed is None:
+        import random
+
+        seed = random.randrange(2**31)
+        _stderr().print(f"sampling with --seed {seed}", highlight=False)
+    with _progress() as progress:
+        task = progress.add_task("tokenizing", total=len(images))
+        results = lavit.tokenize(
+            [str(p) for p in images], sample=sample, seed=seed, batch_size=batch_size,
+            progress=lambda n: progress.advance(task, n),
+        )
+    if as_json:
+        payload = [
+            {"image": r.source, "num_tokens": r.num_tokens, "codes": r.codes.tolist()} for r in results
+        ]
+        typer.echo(json.dumps(payload))
+        return
+    for r in results:
+        typer.echo(f"{r.source}: {r.num_tokens} tokens")
+        typer.echo(" ".join(str(c) for c in r.codes.tolist()))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the `lavit` console script."""
+    from lavit_mlx.blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    from lavit_mlx.errors import LaVITError
+
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="lavit", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        code = 130
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.TyperException as exc:  # click's usage errors (bad flag, missing argument)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lavit`: show the help
+            typer.echo(exc.format_message())
+            sys.exit(0)
+        code = getattr(exc, "exit_code", 2)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None and code == 2 else ""
+        typer.echo(f"error: {message}{hint}", err=True)
+    except LaVITError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        code = 1
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        code = 130
+    except MemoryError:
+        typer.echo("error: out of memory; try a smaller --batch-size or a quantized model", err=True)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

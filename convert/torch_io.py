@@ -1,0 +1,86 @@
+"""Reading PyTorch pickles safely: `torch.load(..., weights_only=True)` and nothing else.
+
+A `.bin` file of the release is a pickle. Unpickling arbitrary objects can run code, so
+only tensors (and the containers around them) are accepted; anything else is refused
+with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Union
+
+import mlx.core as mx
+import numpy as np
+
+from lavit_mlx.errors import CheckpointError, MissingDependencyError
+
+
+def require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError(
+            "reading PyTorch .bin checkpoints needs torch: pip install 'lavit-mlx[torch]', "
+            "or convert the checkpoint once with `lavit convert` on a machine that has it"
+        ) from None
+    return torch
+
+
+def tensor_to_mx(tensor) -> mx.array:
+    """A CPU torch tensor as an mx.array of the same dtype (bfloat16 included)."""
+    torch = require_torch()
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
+    return mx.array(tensor.numpy())
+
+
+def load_pickle(path: Union[str, Path]):
+    """torch.load with weights_only=True (and mmap when the file allows it)."""
+    torch = require_torch()
+    path = Path(path)
+    try:
+        mmap = zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds more than tensors ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({message})") from None
+
+
+def read_torch_file(path: Union[str, Path], keys=None):
+    """A pickled state dict as {key: mx.array}, or a pickled bare tensor as an mx.array.
+
+    With `keys`, only those entries are converted (the file is memory-mapped, so the
+    others are never read from disk).
+    """
+    torch = require_torch()
+    obj = load_pickle(path)
+    if isinstance(obj, torch.Tensor):
+        return tensor_to_mx(obj)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if keys is not None and key not in keys:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[str(key)] = tensor_to_mx(value)
+    return out
+
+
+def to_numpy(array: mx.array) -> np.ndarray:
+    """mx.array -> numpy (bfloat16 goes through float32, which holds it exactly)."""
+    if array.dtype == mx.bfloat16:
+        array = array.astype(mx.float32)
+    return np.array(array)

@@ -1,0 +1,282 @@
+"""LaVIT composed from its components, each loaded from the checkpoint when first needed.
+
+`load(path)` opens a checkpoint folder; nothing heavy is read until a component is used,
+so text-to-image never loads EVA and tokenizing never loads the LLM. Components are
+built at the sizes their tensors reveal; head counts (which shapes cannot reveal) come
+from `vision_heads` (16 in the release).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import RELEASE_VISION_HEADS, EVAConfig, LaVITConfig, TokenIds, TokenizerConfig
+from .errors import CheckpointError, LaVITError
+from .image_processing import ImageInput, load_image, preprocess
+from .models.eva_vit import EVAVisionTransformer
+from .models.visual_tokenizer import DynamicVisualTokenizer, TokenizerOutput
+from .weights import load_strict, shapes
+
+
+@dataclass
+class ImageTokens:
+    """The discrete tokens of one image."""
+
+    codes: np.ndarray  # (T,) visual codes in raster order of the kept patches
+    keep_mask: np.ndarray  # (num_patches,) bool
+    source: Optional[str] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.codes.shape[0])
+
+    def llm_ids(self, token_ids: TokenIds, special: bool = True) -> List[int]:
+        """LLM ids: `[IMG]`, visual ids (offset + code), `[/IMG]` (the last two optional)."""
+        ids = (self.codes + token_ids.visual_offset).tolist()
+        return [token_ids.image_start, *ids, token_ids.image_end] if special else ids
+
+
+def _check_heads(width: int, heads: int, what: str) -> None:
+    if heads <= 0 or width % heads:
+        raise CheckpointError(
+            f"vision heads {heads} does not divide the {what} width {width}; "
+            "pass the head count the checkpoint was trained with (--vision-heads)"
+        )
+
+
+class LaVIT:
+    """A LaVIT checkpoint with lazily loaded components.
+
+    Use `lavit_mlx.load(path)` to create one.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, vision_heads: int = RELEASE_VISION_HEADS):
+        self.checkpoint = checkpoint
+        self.config = LaVITConfig(vision_heads=vision_heads)
+        self._components: dict = {}
+        llm_config = checkpoint.path / "language_model" / "config.json"
+        if llm_config.is_file():
+            try:
+                self.config.llm = json.loads(llm_config.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{llm_config}: not valid JSON ({exc})") from None
+            self.config.llm_hidden = int(self.config.llm.get("hidden_size", self.config.llm_hidden))
+
+    # ----------------------------------------------------------------- components
+    def _get(self, name: str, build: Callable):
+        if name not in self._components:
+            self._components[name] = build()
+        return self._components[name]
+
+    def unload(self, *names: str) -> None:
+        """Free components (all when no name is given)."""
+        for name in names or list(self._components):
+            self._components.pop(name, None)
+        mx.clear_cache()
+
+    @property
+    def loaded(self) -> List[str]:
+        return list(self._components)
+
+    @property
+    def token_ids(self) -> TokenIds:
+        codebook = self.config.tokenizer.codebook_size if self.config.tokenizer else 16384
+        if self.config.llm and "vocab_size" in self.config.llm:
+            return TokenIds.for_vocab(int(self.config.llm["vocab_size"]), codebook)
+        return TokenIds(codebook_size=codebook)
+
+    @property
+    def eva(self) -> EVAVisionTransformer:
+        def build():
+            weights = EVAVisionTransformer.sanitize(self.checkpoint.weights("eva"))
+            try:
+                config = EVAConfig.from_shapes(shapes(weights), self.config.vision_heads)
+            except KeyError as exc:
+                raise CheckpointError(f"{self.checkpoint.file('eva')}: missing key {exc}") from None
+            _check_heads(config.width, config.num_heads, "EVA")
+            self.config.eva = config
+            model = EVAVisionTransformer(config)
+            return load_strict(model, weights, str(self.checkpoint.file("eva")))
+
+        return self._get("eva", build)
+
+    def _tokenizer_config(self, weights) -> TokenizerConfig:
+        try:
+            config = TokenizerConfig.from_shapes(shapes(weights), self.config.vision_heads)
+        except KeyError as exc:
+            raise CheckpointError(f"{self.checkpoint.file('tokenizer')}: missing key {exc}") from None
+        _check_heads(config.width, config.num_heads, "token merger")
+        self.config.tokenizer = config
+        return config
+
+    @property
+    def tokenizer(self) -> DynamicVisualTokenizer:
+        """Selector, merger and quantizer of `tokenizer_encoder.bin` (discrete tokens)."""
+
+        def build():
+            weights = self.checkpoint.weights("tokenizer")
+            config = self._tokenizer_config(weights)
+            model = DynamicVisualTokenizer(config, quantizer=True)
+            return load_strict(
+                model, weights, str(self.checkpoint.file("tokenizer")),
+                known_extra=self.checkpoint.known_extra("tokenizer"),
+            )
+
+        return self._get("tokenizer", build)
+
+    @property
+    def understanding(self) -> DynamicVisualTokenizer:
+        """Selector, merger and `vit_proj` for understanding: the tokenizer's weights with
+        `visual_weight.bin` loaded over them, as the official `build_dynamic_tokenizer`."""
+
+        def build():
+            base = self.checkpoint.weights("tokenizer")
+            config = self._tokenizer_config(base)
+            overlay = self.checkpoint.weights("understanding")
+            source = str(self.checkpoint.file("understanding"))
+            model = DynamicVisualTokenizer(config, quantizer=False, llm_hidden=self.config.llm_hidden)
+            # Required from visual_weight.bin: the merger and the projection.
+            own = {k: v for k, v in overlay.items() if k.startswith(("causal_encoder.", "vit_proj."))}
+            extras = {k: v for k, v in overlay.items() if k not in own}
+            weights = {k: v for k, v in base.items() if k.startswith("token_predictor.")}
+            for key, value in extras.items():
+                if key in weights and tuple(value.shape) != tuple(weights[key].shape):
+                    raise CheckpointError(
+                        f"{source}: key {key!r} has shape {tuple(value.shape)}, "
+                        f"the model expects {tuple(weights[key].shape)}"
+                    )
+            unknown = [k for k in extras if not self.checkpoint.known_extra("understanding")(k)]
+            if unknown:
+                raise CheckpointError(f"{source}: unexpected key {unknown[0]!r} belongs to no known component")
+            weights.update({k: v for k, v in extras.items() if k.startswith("token_predictor.")})
+            weights.update(own)
+            missing = [k for k in ("vit_proj.weight",) if k not in own]
+            if missing:
+                raise CheckpointError(f"{source}: missing key {missing[0]!r}")
+            return load_strict(model, weights, source)
+
+        return self._get("understanding", build)
+
+    def describe(self) -> dict:
+        """What the checkpoint holds, for `lavit info --model`."""
+        from .checkpoint import PURPOSE
+
+        info = {"checkpoint": self.checkpoint.describe()}
+        present = [name for name in PURPOSE if self.checkpoint.has(name)]
+        absent = [name for name in PURPOSE if name not in present]
+        info["components"] = ", ".join(present) or "none"
+        if absent:
+            info["missing"] = ", ".join(absent)
+        if self.config.llm:
+            llm = self.config.llm
+            info["llm"] = (
+                f"llama, hidden {llm.get('hidden_size')}, {llm.get('num_hidden_layers')} layers, "
+                f"vocab {llm.get('vocab_size')}"
+            )
+        ids = self.token_ids
+        info["token ids"] = (
+            f"[IMG]={ids.image_start} [/IMG]={ids.image_end} visual={ids.visual_offset}.."
+            f"{ids.vocab_size - 1}"
+        )
+        info["vision heads"] = str(self.config.vision_heads)
+        return info
+
+    # ----------------------------------------------------------------- tokenizer
+    def encode(self, pixel_values: np.ndarray) -> mx.array:
+        """EVA features (B, 1 + patches, width) of processed images (B, 3, H, W)."""
+        size = self.eva.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
+            raise LaVITError(
+                f"pixel values must be (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}"
+            )
+        return self.eva(mx.array(pixel_values))
+
+    def tokenize_pixels(
+        self,
+        pixel_values: np.ndarray,
+        sample: bool = False,
+        seed: Optional[int] = None,
+        understanding: bool = False,
+    ) -> TokenizerOutput:
+        """Run EVA and the tokenizer (or the understanding path) on processed images.
+
+        With `sample`, image i of the batch draws its keep mask with `mx.random.key(seed + i)`.
+        """
+        features = self.encode(pixel_values)[:, 1:]
+        tokenizer = self.understanding if understanding else self.tokenizer
+        keep = None
+        if sample:
+            logprobs = tokenizer.token_predictor(features)
+            if seed is None:
+                seed = int(np.random.SeedSequence().entropy % (2**31))
+            keep = mx.concatenate(
+                [
+                    tokenizer.select(logprobs[i : i + 1], sample=True, key=mx.random.key(seed + i))
+                    for i in range(len(pixel_values))
+                ]
+            )
+        return tokenizer(features, keep_mask=keep)
+
+    def tokenize(
+        self,
+        images: Sequence[ImageInput],
+        sample: bool = False,
+        seed: Optional[int] = None,
+        batch_size: int = 8,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> List[ImageTokens]:
+        """Turn images into LaVIT's dynamic discrete visual tokens.
+
+        Args:
+            images: paths or PIL images, any size/mode (see `image_processing.load_image`).
+            sample: draw the token selection with seeded Gumbel noise (the official
+                inference samples); default keeps the patches whose keep
+                log-probability is higher (deterministic).
+            seed: seed for `sample`; image i (0-based, in the order given) uses
+                `seed + i`, so results do not depend on the batch size.
+            batch_size: images per forward pass.
+            progress: called with the number of images done after each batch.
+
+        Returns:
+            One `ImageTokens` per image, in order.
+        """
+        images = list(images)
+        size = self.eva.config.image_size
+        results: List[ImageTokens] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = preprocess([load_image(image) for image in chunk], size)
+            chunk_seed = None if seed is None else seed + start
+            out = self.tokenize_pixels(pixels, sample=sample, seed=chunk_seed)
+            keep = np.array(out.keep_mask) > 0.5
+            for i, image in enumerate(chunk):
+                name = image if isinstance(image, (str, Path)) else None
+                results.append(ImageTokens(out.codes[i], keep[i], None if name is None else str(name)))
+            if progress:
+                progress(len(chunk))
+        return results
+
+
+def load(path, vision_heads: Optional[int] = None) -> LaVIT:
+    """Open a LaVIT checkpoint folder.
+
+    Args:
+        path: a folder in the released layout (rain1011/LaVIT-7B-v2).
+        vision_heads: attention heads of the ViT, merger and VQ decoders (16 in the
+            release; tensor shapes cannot reveal it).
+
+    Returns:
+        A `LaVIT` whose components load on first use.
+
+    Raises:
+        CheckpointError: the folder is missing or is not a LaVIT checkpoint.
+    """
+    checkpoint = Checkpoint.open(path)
+    return LaVIT(checkpoint, vision_heads=vision_heads or RELEASE_VISION_HEADS)

@@ -1,0 +1,111 @@
+"""Weight files in and out of MLX modules, strictly.
+
+`.safetensors` are read by MLX itself. `.bin` pickles are read by `lavit_convert.torch_io`
+(torch, `weights_only=True`), imported only when such a file is met, so this package
+runs without torch on MLX-format folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import CheckpointError
+
+Weights = Dict[str, mx.array]
+
+
+def read_weights(path: Path, keys: Optional[set] = None) -> Weights:
+    """Read a `.bin`/`.pt`/`.pth` pickle or a `.safetensors` file as {key: mx.array}.
+
+    Args:
+        keys: read only these keys (others are left on disk where the format allows).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing weight file {path}")
+    if path.suffix == ".safetensors":
+        try:
+            weights = dict(mx.load(str(path)))
+        except Exception as exc:  # mlx raises plain ValueError/RuntimeError on bad files
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        return {k: v for k, v in weights.items() if keys is None or k in keys}
+    from lavit_convert.torch_io import read_torch_file
+
+    weights = read_torch_file(path, keys=keys)
+    if isinstance(weights, mx.array):
+        raise CheckpointError(f"{path}: expected a state dict, found a single tensor")
+    return weights
+
+
+def read_tensor(path: Path) -> mx.array:
+    """Read a file that holds one tensor (e.g. `uncond_embeddings.bin`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing weight file {path}")
+    if path.suffix == ".safetensors":
+        weights = read_weights(path)
+        if len(weights) != 1:
+            raise CheckpointError(f"{path}: expected one tensor, found {len(weights)}")
+        return next(iter(weights.values()))
+    from lavit_convert.torch_io import read_torch_file
+
+    tensor = read_torch_file(path)
+    if not isinstance(tensor, mx.array):
+        raise CheckpointError(f"{path}: expected a single tensor, found a state dict")
+    return tensor
+
+
+def shapes(weights: Mapping[str, mx.array]) -> Dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in weights.items()}
+
+
+def load_strict(
+    module: nn.Module,
+    weights: Mapping[str, mx.array],
+    source: str,
+    known_extra: Optional[Callable[[str], bool]] = None,
+    dtype: Optional[mx.Dtype] = mx.float32,
+) -> nn.Module:
+    """Load `weights` into `module`, requiring every parameter with its exact shape.
+
+    Keys the module does not have are an error unless `known_extra(key)` accepts them
+    (the harmless extras the release is known to carry). Errors name the key and
+    `source` (the file or folder the weights came from).
+    """
+    expected = dict(tree_flatten(module.parameters()))
+    missing = [k for k in expected if k not in weights]
+    unexpected = [
+        k for k in weights if k not in expected and not (known_extra and known_extra(k))
+    ]
+    wrong = [
+        (k, tuple(weights[k].shape), tuple(expected[k].shape))
+        for k in expected
+        if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+
+    def more(items):
+        return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more(missing)}")
+    if wrong:
+        key, got, want = wrong[0]
+        raise CheckpointError(
+            f"{source}: key {key!r} has shape {got}, the model expects {want}{more(wrong)}"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected key {unexpected[0]!r}{more(unexpected)} belongs to no known component"
+        )
+    loaded = [
+        (k, weights[k].astype(dtype) if dtype is not None and mx.issubdtype(weights[k].dtype, mx.floating) else weights[k])
+        for k in expected
+    ]
+    module.load_weights(loaded, strict=True)
+    mx.eval(module.parameters())
+    return module
