@@ -17,7 +17,14 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .config import RELEASE_VISION_HEADS, EVAConfig, LaVITConfig, TokenIds, TokenizerConfig
+from .config import (
+    RELEASE_VISION_HEADS,
+    EVAConfig,
+    LaVITConfig,
+    TokenIds,
+    TokenizerConfig,
+    VQDecoderConfig,
+)
 from .errors import CheckpointError, LaVITError
 from .image_processing import ImageInput, load_image, preprocess
 from .models.eva_vit import EVAVisionTransformer
@@ -187,6 +194,21 @@ class LaVIT:
         )
         info["vision heads"] = str(self.config.vision_heads)
         return info
+
+    def decoder_config(self, highres: bool = True) -> VQDecoderConfig:
+        """Sizes of a VQ decoder, read from its weight file's shapes."""
+        name = "highres_decoder" if highres else "lowres_decoder"
+        weights = self.checkpoint.weights(name)
+        try:
+            return VQDecoderConfig.from_shapes(shapes(weights), self.config.vision_heads)
+        except KeyError as exc:
+            raise CheckpointError(f"{self.checkpoint.file(name)}: missing key {exc}") from None
+
+    def stored_dtype(self, component: str) -> str:
+        """The floating dtype a component's weights are stored in ('float16', 'bfloat16', ...)."""
+        weights = self.checkpoint.weights(component)
+        dtypes = {str(v.dtype).replace("mlx.core.", "") for v in weights.values()}
+        return dtypes.pop() if len(dtypes) == 1 else "mixed: " + ", ".join(sorted(dtypes))
 
     # ----------------------------------------------------------------- tokenizer
     def encode(self, pixel_values: np.ndarray) -> mx.array:
