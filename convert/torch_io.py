@@ -12,9 +12,6 @@ import zipfile
 from pathlib import Path
 from typing import Union
 
-import mlx.core as mx
-import numpy as np
-
 from lavit_mlx.errors import CheckpointError, MissingDependencyError
 
 
@@ -29,8 +26,10 @@ def require_torch():
     return torch
 
 
-def tensor_to_mx(tensor) -> mx.array:
+def tensor_to_mx(tensor):
     """A CPU torch tensor as an mx.array of the same dtype (bfloat16 included)."""
+    import mlx.core as mx
+
     torch = require_torch()
     tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
@@ -55,7 +54,7 @@ def load_pickle(path: Union[str, Path]):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({message})") from None
 
 
-def read_torch_file(path: Union[str, Path], keys=None):
+def read_torch_file(path: Union[str, Path], keys=None):  # -> dict of mx.array | mx.array
     """A pickled state dict as {key: mx.array}, or a pickled bare tensor as an mx.array.
 
     With `keys`, only those entries are converted (the file is memory-mapped, so the
@@ -79,8 +78,3 @@ def read_torch_file(path: Union[str, Path], keys=None):
     return out
 
 
-def to_numpy(array: mx.array) -> np.ndarray:
-    """mx.array -> numpy (bfloat16 goes through float32, which holds it exactly)."""
-    if array.dtype == mx.bfloat16:
-        array = array.astype(mx.float32)
-    return np.array(array)

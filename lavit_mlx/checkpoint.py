@@ -16,51 +16,12 @@ This module only names files and reads them; building modules is `lavit.py`'s jo
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 from .errors import CheckpointError
+from .layout import KNOWN_EXTRAS, PURPOSE, RELEASE_FILES, RELEASE_FOLDERS
 from .weights import Weights, read_weights
-
-RELEASE_FILES = {
-    "eva": "visual_tokenizer/eva_vitg_psz14.bin",
-    "tokenizer": "visual_tokenizer/tokenizer_encoder.bin",
-    "understanding": "language_model/visual_weight.bin",
-    "lowres_decoder": "visual_tokenizer/tokenizer_decoder.bin",
-    "highres_decoder": "visual_tokenizer/highres_tokenizer_decoder.bin",
-}
-
-RELEASE_FOLDERS = {
-    "llm": "language_model",
-    "highres_pixel": "highres_pixel_decoding",
-    "lowres_pixel": "pixel_decoding",
-}
-
-# What each component is used for, to say why a missing file matters.
-PURPOSE = {
-    "eva": "the EVA-CLIP image encoder",
-    "tokenizer": "the visual tokenizer and its codebook",
-    "understanding": "image understanding (caption, ask)",
-    "lowres_decoder": "low-res pixel decoding",
-    "highres_decoder": "high-res pixel decoding",
-    "llm": "the language model",
-    "highres_pixel": "high-res pixel decoding",
-    "lowres_pixel": "low-res pixel decoding",
-}
-
-_TOKENIZER_PARTS = r"(token_predictor|causal_encoder|encode_task_layer|quantize|vit_proj)\."
-
-# Harmless extras the release may carry (the official code loads these files with
-# strict=False); any other unknown key is an error.
-KNOWN_EXTRAS: Dict[str, Callable[[str], bool]] = {
-    # The full DynamicVisualTokenizer state dict minus the ViT may include vit_proj.
-    "tokenizer": lambda k: re.match(r"vit_proj\.", k) is not None,
-    # A copy of other tokenizer parts next to the merger and projection.
-    "understanding": lambda k: re.match(_TOKENIZER_PARTS, k) is not None,
-    # Old transformers checkpoints saved rotary buffers.
-    "llm": lambda k: k.endswith("rotary_emb.inv_freq"),
-}
 
 
 class Checkpoint:
