@@ -137,9 +137,9 @@ def tokenize(
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `lavit` console script."""
-    from lavit_mlx.blas import ensure_fast_blas
+    from lavit_mlx.runtime import ensure_fast_runtime
 
-    ensure_fast_blas()
+    ensure_fast_runtime()
     from lavit_mlx.errors import LaVITError
 
     command = typer.main.get_command(app)

@@ -8,6 +8,7 @@ with a message naming the file.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Union
@@ -45,10 +46,16 @@ def load_pickle(path: Union[str, Path]):
         mmap = zipfile.is_zipfile(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise CheckpointError(
-            f"{path}: refused to unpickle: the file holds more than tensors ({first})"
-        ) from None
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file holds a Python object ({found.group(1)}), "
+                "not only tensors; only weights are ever loaded"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        reason = detail.group(1).strip() if detail else "unreadable pickle"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({message})") from None

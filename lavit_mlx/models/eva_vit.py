@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import EVAConfig
+from . import cpu_math
 from .layers import Mlp, merge_heads, split_heads
 
 
@@ -29,9 +30,7 @@ class Attention(nn.Module):
         bias = mx.concatenate([self.q_bias, mx.zeros_like(self.v_bias), self.v_bias])
         q, k, v = mx.split(self.qkv(x) + bias, 3, axis=-1)
         h = self.num_heads
-        out = mx.fast.scaled_dot_product_attention(
-            split_heads(q, h), split_heads(k, h), split_heads(v, h), scale=self.scale
-        )
+        out = cpu_math.attention(split_heads(q, h), split_heads(k, h), split_heads(v, h), self.scale)
         return self.proj(merge_heads(out))
 
 

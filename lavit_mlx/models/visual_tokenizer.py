@@ -19,7 +19,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import TokenizerConfig
-from .layers import CrossAttention, Mlp, SelfAttention
+from . import cpu_math
+from .layers import GELU, CrossAttention, Mlp, SelfAttention
 
 POLICY_EPS = 1e-6
 
@@ -34,7 +35,7 @@ def policy_attend(visible: mx.array):
     def attend(q, k, v, scale):
         scores = (q @ k.transpose(0, 1, 3, 2)) * scale
         scores = scores - mx.max(scores, axis=-1, keepdims=True)
-        weights = mx.exp(scores) * visible
+        weights = cpu_math.exp(scores) * visible
         m = scores.shape[-1]
         probs = (weights + POLICY_EPS / m) / (mx.sum(weights, axis=-1, keepdims=True) + POLICY_EPS)
         return probs @ v
@@ -48,12 +49,12 @@ class TokenSelector(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         w = config.width
-        self.in_conv = [nn.LayerNorm(w, eps=config.eps), nn.Linear(w, w), nn.GELU()]
+        self.in_conv = [nn.LayerNorm(w, eps=config.eps), nn.Linear(w, w), GELU()]
         self.out_conv = [
             nn.Linear(w, w // 2),
-            nn.GELU(),
+            GELU(),
             nn.Linear(w // 2, w // 4),
-            nn.GELU(),
+            GELU(),
             nn.Linear(w // 4, 2),
         ]
 
@@ -217,7 +218,10 @@ class DynamicVisualTokenizer(nn.Module):
         splits = np.cumsum(counts)[:-1].tolist()
 
         out = TokenizerOutput(logprobs=logprobs, keep_mask=keep, merged=merged, codes=[])
-        if self.has_quantizer:
+        if self.has_quantizer and kept.shape[0] == 0:  # no patch kept in the whole batch
+            out.codes = [np.zeros((0,), np.int64) for _ in range(B)]
+            out.quantized = mx.zeros((0, self.config.code_dim))
+        elif self.has_quantizer:
             z = kept
             for layer in self.encode_task_layer:
                 z = layer(z)

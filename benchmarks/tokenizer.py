@@ -1,0 +1,175 @@
+"""Visual tokenizer throughput: MLX vs the project's PyTorch mirror, same weights, one run.
+
+    python benchmarks/tokenizer.py [--batch-sizes 1 8] [--repeats 3] [--width 1408 ...]
+
+Builds the release's full sizes by default (EVA-g: 40 blocks of 1408, merger: 12
+blocks) with random weights, and times processed images -> codes (EVA + selector +
+merger + quantizer) in float32. Each framework runs in its own process on the same
+weights file, so neither one's thread pool competes with the other's. The selector's
+last layer is set so that about a third of the patches are kept (the release's
+training target, rho = 1/3); the measured keep fraction is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def configs(args):
+    from lavit_mlx.config import EVAConfig, TokenizerConfig, mlp_width
+
+    eva = EVAConfig(width=args.width, depth=args.eva_depth, num_heads=args.heads, mlp_dim=mlp_width(args.width))
+    tok = TokenizerConfig(width=args.width, merger_depth=args.merger_depth, num_heads=args.heads,
+                          mlp_dim=mlp_width(args.width))
+    return eva, tok
+
+
+def make_weights(args, path: Path) -> None:
+    """Random torch weights for EVA ('eva.*') and the tokenizer ('tok.*'), saved as safetensors."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from lavit_train.models.eva_vit import EVAVisionTransformer
+    from lavit_train.models.visual_tokenizer import DynamicVisualTokenizer
+
+    eva_cfg, tok_cfg = configs(args)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        eva = EVAVisionTransformer(eva_cfg).eval()
+        tok = DynamicVisualTokenizer(tok_cfg).eval()
+        for p in list(eva.parameters()) + list(tok.parameters()):
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.02)
+        # Selector logits that vary across patches, thresholded so that ~1/3 are kept.
+        head = tok.token_predictor.out_conv[-1]
+        head.weight.normal_(0.0, 1.0)
+        pixels = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32))
+        logprobs = tok.token_predictor(eva(pixels)[:, 1:])
+        margin = (logprobs[..., 0] - logprobs[..., 1]).flatten()
+        head.bias.add_(torch.tensor([-float(margin.quantile(2 / 3)), 0.0]))
+    state = {f"eva.{k}": v.contiguous() for k, v in eva.state_dict().items()}
+    state.update({f"tok.{k}": v.contiguous() for k, v in tok.state_dict().items()})
+    save_file(state, str(path))
+
+
+def worker(args) -> None:
+    """Time one framework; print a JSON line {batch: [images/s, keep fraction]} and save codes."""
+    import numpy as np
+
+    eva_cfg, tok_cfg = configs(args)
+    weights = Path(args.weights)
+    if args.worker == "mlx":
+        from lavit_mlx.runtime import ensure_fast_runtime
+
+        ensure_fast_runtime()
+        import mlx.core as mx
+
+        from lavit_mlx.models.eva_vit import EVAVisionTransformer
+        from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
+        from lavit_mlx.weights import load_strict
+
+        state = mx.load(str(weights))
+        eva = EVAVisionTransformer(eva_cfg)
+        tok = DynamicVisualTokenizer(tok_cfg)
+        load_strict(eva, EVAVisionTransformer.sanitize({k[4:]: v for k, v in state.items() if k.startswith("eva.")}), "eva")
+        load_strict(tok, {k[4:]: v for k, v in state.items() if k.startswith("tok.")}, "tok")
+        del state
+
+        def run(pixels):
+            out = tok(eva(mx.array(pixels))[:, 1:])
+            return out.codes, np.array(out.keep_mask)
+    else:
+        import torch
+        from safetensors.torch import load_file
+
+        from lavit_train.models.eva_vit import EVAVisionTransformer
+        from lavit_train.models.visual_tokenizer import DynamicVisualTokenizer
+
+        torch.set_grad_enabled(False)
+        state = load_file(str(weights))
+        eva = EVAVisionTransformer(eva_cfg).eval()
+        tok = DynamicVisualTokenizer(tok_cfg).eval()
+        eva.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("eva.")})
+        tok.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tok.")})
+        del state
+
+        def run(pixels):
+            out = tok(eva(torch.from_numpy(pixels))[:, 1:])
+            return [c.numpy() for c in out.codes], out.keep_mask.numpy()
+
+    rng = np.random.default_rng(0)
+    result, codes = {}, {}
+    for batch in args.batch_sizes:
+        pixels = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        run(pixels)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            batch_codes, keep = run(pixels)
+            times.append(time.perf_counter() - start)
+        result[batch] = [batch / min(times), float(keep.mean())]
+        codes[batch] = [c.tolist() for c in batch_codes]
+    Path(args.out).write_text(json.dumps({"speed": result, "codes": codes}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--width", type=int, default=1408)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--eva-depth", type=int, default=40)
+    parser.add_argument("--merger-depth", type=int, default=12)
+    parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    from lavit_mlx.runtime import find_openblas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.safetensors"
+        make_weights(args, weights)
+        results = {}
+        for name in ("mlx", "torch"):
+            out = Path(tmp) / f"{name}.json"
+            env = dict(os.environ)
+            if name == "torch":  # torch brings its own BLAS; no preload, no malloc tuning
+                env.pop("LD_PRELOAD", None)
+            cmd = [sys.executable, __file__, "--worker", name, "--weights", str(weights), "--out", str(out),
+                   "--batch-sizes", *map(str, args.batch_sizes), "--repeats", str(args.repeats),
+                   "--width", str(args.width), "--heads", str(args.heads),
+                   "--eva-depth", str(args.eva_depth), "--merger-depth", str(args.merger_depth)]
+            subprocess.run(cmd, check=True, env=env)
+            results[name] = json.loads(out.read_text())
+
+    blas = f"OpenBLAS ({find_openblas()})" if find_openblas() else "bundled reference BLAS"
+    print(f"visual tokenizer, EVA {args.eva_depth} blocks x {args.width}, merger {args.merger_depth} blocks, "
+          f"float32; MLX with {blas}, PyTorch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print("| batch | MLX images/s | PyTorch images/s | MLX / PyTorch | kept patches | same codes |")
+    print("|---:|---:|---:|---:|---:|:---:|")
+    for batch in map(str, args.batch_sizes):
+        mlx_ips, keep = results["mlx"]["speed"][batch]
+        torch_ips, _ = results["torch"]["speed"][batch]
+        same = results["mlx"]["codes"][batch] == results["torch"]["codes"][batch]
+        print(f"| {batch} | {mlx_ips:.3f} | {torch_ips:.3f} | {mlx_ips / torch_ips:.2f}x | {keep:.0%} | "
+              f"{'yes' if same else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
