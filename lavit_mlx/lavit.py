@@ -29,6 +29,7 @@ from .errors import CheckpointError, LaVITError
 from .image_processing import ImageInput, load_image, preprocess
 from .models.eva_vit import EVAVisionTransformer
 from .models.visual_tokenizer import DynamicVisualTokenizer, TokenizerOutput
+from .models.vq_decoder import VQDecoder
 from .weights import load_strict, shapes
 
 
@@ -194,6 +195,64 @@ class LaVIT:
         )
         info["vision heads"] = str(self.config.vision_heads)
         return info
+
+    @property
+    def codebook(self) -> mx.array:
+        """The quantizer's codebook (codebook_size, code_dim), without loading the tokenizer."""
+
+        def build():
+            if "tokenizer" in self._components:
+                return self.tokenizer.quantize.embedding.weight
+            key = "quantize.embedding.weight"
+            weights = self.checkpoint.weights("tokenizer", keys={key})
+            if key not in weights:
+                raise CheckpointError(f"{self.checkpoint.file('tokenizer')}: missing key {key!r}")
+            return weights[key].astype(mx.float32)
+
+        return self._get("codebook", build)
+
+    def decoder(self, highres: bool = True) -> VQDecoder:
+        """The high-res (default) or low-res VQ decoder."""
+        name = "highres_decoder" if highres else "lowres_decoder"
+
+        def build():
+            weights = self.checkpoint.weights(name)
+            source = str(self.checkpoint.file(name))
+            try:
+                config = VQDecoderConfig.from_shapes(shapes(weights), self.config.vision_heads)
+            except KeyError as exc:
+                raise CheckpointError(f"{source}: missing key {exc}") from None
+            _check_heads(config.width, config.num_heads, "VQ decoder")
+            if config.highres:
+                _check_heads(config.feature_dim, config.num_heads, "VQ decoder pooling")
+            setattr(self.config, name, config)
+            return load_strict(VQDecoder(config), weights, source)
+
+        return self._get(name, build)
+
+    def decode_codes(self, codes: Sequence[np.ndarray], highres: bool = True):
+        """Visual codes of each image -> UNet conditioning.
+
+        Returns:
+            high-res: (prompt_embeds (B, 256, 2048), pooled (B, 1280)); low-res: (B, 256, 768).
+        """
+        codebook = self.codebook
+        decoder = self.decoder(highres)
+        if codebook.shape[1] != decoder.config.code_dim:
+            raise CheckpointError(
+                f"codebook vectors have {codebook.shape[1]} dims but the VQ decoder expects "
+                f"{decoder.config.code_dim}: the tokenizer and decoder files do not belong together"
+            )
+        rows = []
+        for image_codes in codes:
+            ids = np.asarray(image_codes, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= codebook.shape[0]):
+                raise LaVITError(f"visual code out of range 0..{codebook.shape[0] - 1}")
+            rows.append(codebook[mx.array(ids.astype(np.int32))])
+        try:
+            return decoder(rows)
+        except ValueError as exc:
+            raise LaVITError(str(exc)) from None
 
     def decoder_config(self, highres: bool = True) -> VQDecoderConfig:
         """Sizes of a VQ decoder, read from its weight file's shapes."""

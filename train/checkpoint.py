@@ -79,3 +79,15 @@ def load_tokenizer(root, vision_heads: int = RELEASE_VISION_HEADS, understanding
     merged = {k: v for k, v in state.items() if k.startswith("token_predictor.")}
     merged.update(overlay)
     return load_state_strict(model, merged, str(Path(root) / RELEASE_FILES["understanding"]), "understanding").eval()
+
+
+def load_decoder(root, highres: bool = True, vision_heads: int = RELEASE_VISION_HEADS):
+    """The high-res or low-res VQ decoder of a release-layout folder."""
+    from lavit_mlx.config import VQDecoderConfig
+
+    from .models.vq_decoder import VQDecoder
+
+    component = "highres_decoder" if highres else "lowres_decoder"
+    state = read_state_dict(root, component)
+    model = VQDecoder(VQDecoderConfig.from_shapes(shapes_of(state), vision_heads))
+    return load_state_strict(model, state, str(Path(root) / RELEASE_FILES[component]), component).eval()

@@ -1,0 +1,123 @@
+"""LaVIT's VQ decoders: visual codes -> conditioning for the diffusion UNet.
+
+Follows the official `LaVIT/models/modeling_decoder.py` (`VQDecoder`, `HighresVQDecoder`).
+Both share one trunk: codebook rows -> `in_proj` + `pos_embed`, then `query_embed`
+(one query per ViT patch) goes through `depth` blocks of self-attention, cross-attention
+to the (padded) code sequence and MLP, `norm`, `decode_task_layer` back to ViT-like
+1408-d features. The low-res head projects them to 768-d (SD-1.5 context); the high-res
+head to 768 || 1280 = 2048-d prompt embeddings plus a 1280-d pooled vector from an
+attention pool (SDXL's text_embeds).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import VQDecoderConfig
+from . import cpu_math
+from .layers import CrossAttention, Mlp, SelfAttention, split_heads, merge_heads
+
+PAD_BIAS = -10000.0  # added to the scores of padded code positions, as the release does
+
+
+def padded_attend(bias: mx.array):
+    """Softmax attention with an additive (B, 1, 1, T) bias on the keys."""
+
+    def attend(q, k, v, scale):
+        scores = (q * scale) @ k.transpose(0, 1, 3, 2) + bias
+        return cpu_math.softmax(scores) @ v
+
+    return attend
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: VQDecoderConfig):
+        super().__init__()
+        w = config.width
+        self.norm0 = nn.LayerNorm(w, eps=config.eps)
+        self.self_attn = SelfAttention(w, config.num_heads)
+        self.norm1 = nn.LayerNorm(w, eps=config.eps)
+        self.cross_attn = CrossAttention(w, config.num_heads)
+        self.norm2 = nn.LayerNorm(w, eps=config.eps)
+        self.mlp = Mlp(w, config.mlp_dim)
+
+    def __call__(self, queries, codes, code_bias):
+        queries = queries + self.self_attn(self.norm0(queries))
+        queries = queries + self.cross_attn(self.norm1(queries), codes, padded_attend(code_bias))
+        return queries + self.mlp(self.norm2(queries))
+
+
+class AttentionPool(nn.Module):
+    """`unet_attnpool`: one multi-head attention over [mean token, tokens] + positions,
+    keeping the mean token's output (CLIP's AttentionPool2d on a token sequence)."""
+
+    def __init__(self, num_tokens: int, dim: int, num_heads: int, out_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.positional_embedding = mx.zeros((num_tokens + 1, dim))
+        self.k_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.c_proj = nn.Linear(dim, out_dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = mx.concatenate([mx.mean(x, axis=1, keepdims=True), x], axis=1) + self.positional_embedding
+        h = self.num_heads
+        scale = (x.shape[-1] // h) ** -0.5
+        query = split_heads(self.q_proj(x[:, :1]), h)  # only the mean token's output is kept
+        out = cpu_math.attention(query, split_heads(self.k_proj(x), h), split_heads(self.v_proj(x), h), scale)
+        return self.c_proj(merge_heads(out))[:, 0]
+
+
+class VQDecoder(nn.Module):
+    """The low-res (`highres=False`) or high-res VQ decoder, named as the checkpoint."""
+
+    def __init__(self, config: VQDecoderConfig):
+        super().__init__()
+        self.config = config
+        w, n = config.width, config.num_patches
+        self.in_proj = nn.Linear(config.code_dim, w)
+        self.pos_embed = mx.zeros((1, n, w))
+        self.query_embed = mx.zeros((1, n, w))
+        self.blocks = [DecoderBlock(config) for _ in range(config.depth)]
+        self.norm = nn.LayerNorm(w, eps=config.eps)
+        self.decode_task_layer = [nn.Linear(w, w), nn.Tanh(), nn.Linear(w, config.feature_dim)]
+        if config.highres:
+            self.unet_proj_1 = nn.Linear(config.feature_dim, config.context_dims[0])
+            self.unet_proj_2 = nn.Linear(config.feature_dim, config.context_dims[1])
+            self.unet_attnpool = AttentionPool(n, config.feature_dim, config.num_heads, config.pooled_dim)
+        else:
+            self.unet_proj = nn.Linear(config.feature_dim, config.context_dims[0])
+
+    def __call__(self, code_rows: Sequence[mx.array]) -> Union[mx.array, Tuple[mx.array, mx.array]]:
+        """Decode the codebook rows of each image (a list of (T_i, code_dim) arrays).
+
+        Returns:
+            low-res: context (B, num_patches, 768);
+            high-res: (prompt_embeds (B, num_patches, 2048), pooled (B, 1280)).
+        """
+        lengths = [int(rows.shape[0]) for rows in code_rows]
+        longest = max(lengths)
+        if longest == 0:
+            raise ValueError("no visual tokens to decode")
+        if longest > self.config.num_patches:
+            raise ValueError(f"{longest} visual tokens exceed the decoder's {self.config.num_patches} positions")
+        codes = mx.stack([
+            mx.pad(self.in_proj(rows.astype(mx.float32)), [(0, longest - len_), (0, 0)]) for rows, len_ in zip(code_rows, lengths)
+        ]) + self.pos_embed[:, :longest]  # (B, T, width); padded rows are zero + position
+        valid = mx.arange(longest)[None, :] < mx.array(lengths)[:, None]
+        code_bias = mx.where(valid, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, T)
+
+        x = mx.broadcast_to(self.query_embed, (len(code_rows), *self.query_embed.shape[1:]))
+        for block in self.blocks:
+            x = block(x, codes, code_bias)
+        x = self.norm(x)
+        for layer in self.decode_task_layer:
+            x = layer(x)  # (B, num_patches, feature_dim)
+        if not self.config.highres:
+            return self.unet_proj(x)
+        prompt_embeds = mx.concatenate([self.unet_proj_1(x), self.unet_proj_2(x)], axis=-1)
+        return prompt_embeds, self.unet_attnpool(x)
