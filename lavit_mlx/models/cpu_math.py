@@ -106,3 +106,89 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     if not _on_cpu(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     return softmax((q * scale) @ k.transpose(0, 1, 3, 2)) @ v
+
+
+# ---------------------------------------------------------------------------------------
+# Convolutional-network pieces (UNet, VAE): SiLU, GroupNorm, masked attention.
+# SiLU's sigmoid and GroupNorm's normalisation are elementwise chains that MLX fuses into
+# one kernel under `mx.compile`; the exp inside the sigmoid is the polynomial one above.
+
+
+def _silu_poly(x: mx.array) -> mx.array:
+    # x * sigmoid(x); exp(-x) saturates at 2^127 (clip above), so no inf/nan for any x.
+    return x / (1.0 + _exp_poly(-x))
+
+
+_silu_cpu = _compiled(_silu_poly)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x)."""
+    return _silu_cpu(x) if _on_cpu(x) else x * mx.sigmoid(x)
+
+
+def _group_norm_fn(num_groups: int, eps: float, apply_silu: bool, fast_exp: bool):
+    def fn(x, weight, bias):
+        shape = x.shape
+        # channels-last: (B, ..., C) -> (B, positions, groups, C/groups); torch's groups are
+        # runs of consecutive channels, which this reshape keeps.
+        grouped = x.reshape(shape[0], -1, num_groups, shape[-1] // num_groups)
+        mean = mx.mean(grouped, axis=(1, 3), keepdims=True)
+        centred = grouped - mean
+        var = mx.mean(centred * centred, axis=(1, 3), keepdims=True)
+        y = (centred * mx.rsqrt(var + eps)).reshape(shape) * weight + bias
+        if apply_silu:
+            y = y / (1.0 + _exp_poly(-y)) if fast_exp else y * mx.sigmoid(y)
+        return y
+
+    return fn
+
+
+_GROUP_NORM_CACHE: dict = {}
+
+
+def group_norm(
+    x: mx.array, weight: mx.array, bias: mx.array, num_groups: int, eps: float, apply_silu: bool = False
+) -> mx.array:
+    """torch.nn.GroupNorm on channels-last input (B, ..., C), optionally followed by SiLU."""
+    fast = _on_cpu(x)
+    key = (num_groups, float(eps), apply_silu, fast)
+    fn = _GROUP_NORM_CACHE.get(key)
+    if fn is None:
+        plain = _group_norm_fn(num_groups, eps, apply_silu, fast)
+        try:
+            fn = mx.compile(plain)
+            mx.eval(fn(mx.zeros((1, 1, num_groups), x.dtype), mx.ones((num_groups,), x.dtype),
+                       mx.zeros((num_groups,), x.dtype)))
+        except Exception:  # no C++ compiler for MLX's CPU JIT
+            fn = plain
+        _GROUP_NORM_CACHE[key] = fn
+    return fn(x, weight, bias)
+
+
+def attention_with_bias(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.array | None
+) -> mx.array:
+    """softmax(q k^T * scale + bias) v for (B, heads, N, head_dim) inputs.
+
+    `bias` is additive and broadcasts against the scores (B, heads, N, L), e.g. a padding
+    bias of shape (B, 1, 1, L).
+    """
+    if bias is None:
+        return attention(q, k, v, scale)
+    if not _on_cpu(q):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=bias.astype(q.dtype))
+    return softmax((q * scale) @ k.transpose(0, 1, 3, 2) + bias) @ v
+
+
+def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1, padding: int = 0) -> mx.array:
+    """torch-style conv2d on NHWC input with an (out, kh, kw, in) weight, plus bias."""
+    out_channels, kh, kw, in_channels = weight.shape
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        # A 1x1 conv is a matmul over channels.
+        flat = x.reshape(-1, in_channels)
+        w = weight.reshape(out_channels, in_channels).T
+        y = mx.addmm(bias, flat, w) if bias is not None else flat @ w
+        return y.reshape(*x.shape[:-1], out_channels)
+    y = mx.conv2d(x, weight, stride=stride, padding=padding)
+    return y + bias if bias is not None else y
