@@ -1,6 +1,6 @@
-"""Where each component's weights live in a checkpoint folder.
+"""Where each component's weights live in a checkpoint folder, in either supported format.
 
-The released layout (rain1011/LaVIT-7B-v2, LAVIT_REFERENCE.md section 2):
+1. The released layout (rain1011/LaVIT-7B-v2, LAVIT_REFERENCE.md section 2):
 
     language_model/            LLaMA shards, index, config.json, tokenizer.model
     language_model/visual_weight.bin           merger + vit_proj for understanding
@@ -11,51 +11,63 @@ The released layout (rain1011/LaVIT-7B-v2, LAVIT_REFERENCE.md section 2):
     highres_pixel_decoding/{unet,vae,scheduler}/    SDXL-shaped diffusers folders
     pixel_decoding/{unet,vae,scheduler}/, pixel_decoding/uncond_embeddings.bin
 
+2. The MLX folder format written by `lavit convert` (docs/mlx-format.md): a top-level
+   `config.json` with `"format": "lavit-mlx"`, one safetensors file (or shards) per
+   component in MLX layout, an mlx-lm `language_model/`, and a checksummed manifest.
+
 This module only names files and reads them; building modules is `lavit.py`'s job.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import CheckpointError
-from .layout import KNOWN_EXTRAS, PURPOSE, RELEASE_FILES, RELEASE_FOLDERS
-from .weights import Weights, read_weights
+from .layout import KNOWN_EXTRAS, MLX_FORMAT, PURPOSE, RELEASE_FILES, RELEASE_FOLDERS
+from .weights import Weights, read_sharded, read_weights
 
 
 class Checkpoint:
-    """A LaVIT checkpoint folder in the released layout."""
+    """A LaVIT checkpoint folder. `Checkpoint.open(path)` returns the right kind."""
 
     kind = "release"
+    # Weights are stored in PyTorch layout (convs OIHW) and need `sanitize`.
+    torch_layout = True
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.config: dict = {}
 
-    @classmethod
-    def open(cls, path) -> "Checkpoint":
+    @staticmethod
+    def open(path) -> "Checkpoint":
         path = Path(path).expanduser()
         if not path.exists():
             raise CheckpointError(f"checkpoint folder not found: {path}")
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a folder (expected a LaVIT checkpoint folder)")
-        known = [p for p in list(RELEASE_FILES.values()) + list(RELEASE_FOLDERS.values())
-                 if (path / p).exists()]
+        if MLXCheckpoint.is_mlx_folder(path):
+            return MLXCheckpoint(path)
+        known = [p for p in list(RELEASE_FILES.values()) + list(RELEASE_FOLDERS.values()) if (path / p).exists()]
         if not known:
             raise CheckpointError(
-                f"{path}: not a LaVIT checkpoint folder (found neither visual_tokenizer/ nor "
-                "language_model/ of the released layout)"
+                f"{path}: not a LaVIT checkpoint folder (found neither the released layout's "
+                "visual_tokenizer/ and language_model/ nor an MLX folder's config.json)"
             )
-        return cls(path)
+        return Checkpoint(path)
 
     def describe(self) -> str:
         return f"released LaVIT layout (PyTorch pickles) at {self.path}"
 
+    def relative(self, component: str) -> str:
+        return RELEASE_FILES[component]
+
     def file(self, component: str) -> Path:
-        path = self.path / RELEASE_FILES[component]
-        if not path.is_file():
+        path = self.path / self.relative(component)
+        if not path.is_file() and not Path(str(path) + ".index.json").is_file():
             raise CheckpointError(
-                f"checkpoint {self.path} is missing {RELEASE_FILES[component]} "
+                f"checkpoint {self.path} is missing {self.relative(component)} "
                 f"(needed for {PURPOSE[component]})"
             )
         return path
@@ -71,7 +83,8 @@ class Checkpoint:
 
     def has(self, component: str) -> bool:
         if component in RELEASE_FILES:
-            return (self.path / RELEASE_FILES[component]).is_file()
+            path = self.path / self.relative(component)
+            return path.is_file() or Path(str(path) + ".index.json").is_file()
         return (self.path / RELEASE_FOLDERS[component]).is_dir()
 
     def weights(self, component: str, keys: Optional[set] = None) -> Weights:
@@ -79,3 +92,85 @@ class Checkpoint:
 
     def known_extra(self, component: str) -> Optional[Callable[[str], bool]]:
         return KNOWN_EXTRAS.get(component)
+
+    def understanding_weights(self) -> Weights:
+        """The understanding path's weights: the tokenizer's selector with
+        `visual_weight.bin` loaded over it, as the official `build_dynamic_tokenizer` does
+        (strict=False there: a selector copy in visual_weight.bin wins)."""
+        source = self.file("understanding")
+        overlay = self.weights("understanding")
+        base = self.weights("tokenizer")
+        weights = {k: v for k, v in base.items() if k.startswith("token_predictor.")}
+        known = self.known_extra("understanding")
+        for key, value in overlay.items():
+            if key.startswith(("causal_encoder.", "vit_proj.")):
+                weights[key] = value
+                continue
+            if not known(key):
+                raise CheckpointError(f"{source}: unexpected key {key!r} belongs to no known component")
+            if key in weights:
+                if tuple(value.shape) != tuple(weights[key].shape):
+                    raise CheckpointError(
+                        f"{source}: key {key!r} has shape {tuple(value.shape)}, "
+                        f"the model expects {tuple(weights[key].shape)}"
+                    )
+                weights[key] = value
+        for required in ("vit_proj.weight", "causal_encoder.norm.weight"):
+            if required not in weights:
+                raise CheckpointError(f"{source}: missing key {required!r}")
+        return weights
+
+    def quantization(self, component: str) -> Optional[dict]:
+        """{"bits", "group_size"} when the component is stored quantized."""
+        return None
+
+
+class MLXCheckpoint(Checkpoint):
+    """A folder in the MLX format of `lavit convert` (see docs/mlx-format.md)."""
+
+    kind = "mlx"
+    torch_layout = False
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        config_path = self.path / "config.json"
+        try:
+            self.config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config_path}: unreadable ({exc})") from None
+        version = self.config.get("format_version")
+        if version != MLX_FORMAT["version"]:
+            raise CheckpointError(
+                f"{config_path}: MLX folder format version {version!r}; this lavit-mlx reads version "
+                f"{MLX_FORMAT['version']} (convert the checkpoint again)"
+            )
+
+    @staticmethod
+    def is_mlx_folder(path: Path) -> bool:
+        config = Path(path) / "config.json"
+        if not config.is_file():
+            return False
+        try:
+            return json.loads(config.read_text()).get("format") == MLX_FORMAT["name"]
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return False
+
+    def describe(self) -> str:
+        quantized = [f"{name} {q['bits']}-bit" for name, q in (self.config.get("quantization") or {}).items() if q]
+        extra = f", quantized: {', '.join(quantized)}" if quantized else ""
+        return f"MLX folder ({self.config.get('dtype', 'float32')}{extra}) at {self.path}"
+
+    def relative(self, component: str) -> str:
+        return MLX_FORMAT["files"][component]
+
+    def weights(self, component: str, keys: Optional[set] = None) -> Weights:
+        return read_sharded(self.file(component), keys=keys)
+
+    def known_extra(self, component: str) -> Optional[Callable[[str], bool]]:
+        return None  # written by lavit convert: exactly the model's keys
+
+    def understanding_weights(self) -> Weights:
+        return self.weights("understanding")  # stored merged by lavit convert
+
+    def quantization(self, component: str) -> Optional[dict]:
+        return (self.config.get("quantization") or {}).get(MLX_FORMAT["quantization_group"].get(component, component))

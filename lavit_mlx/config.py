@@ -95,7 +95,8 @@ class TokenizerConfig(_Config):
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: int) -> "TokenizerConfig":
-        codebook_size, code_dim = shapes["quantize.embedding.weight"]
+        # The understanding weights (visual_weight.bin) have no codebook: keep the default.
+        codebook_size, code_dim = shapes.get("quantize.embedding.weight", (cls.codebook_size, cls.code_dim))
         return cls(
             width=shapes["token_predictor.in_conv.1.weight"][0],
             merger_depth=_count_blocks(list(shapes), "causal_encoder.blocks."),

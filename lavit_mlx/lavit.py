@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from .checkpoint import Checkpoint
@@ -100,26 +101,43 @@ class LaVIT:
             return TokenIds.for_vocab(int(self.config.llm["vocab_size"]), codebook)
         return TokenIds(codebook_size=codebook)
 
+    def _component_config(self, component: str, cls, weights):
+        """A component's config: stored in an MLX folder, inferred from shapes otherwise."""
+        stored = self.checkpoint.config.get(component)
+        if stored is not None:
+            config = cls.from_dict(stored)
+        else:
+            try:
+                config = cls.from_shapes(shapes(weights), self.config.vision_heads)
+            except KeyError as exc:
+                raise CheckpointError(f"{self.checkpoint.file(component)}: missing key {exc}") from None
+        return config
+
+    def _load_module(self, component: str, model, weights, known_extra=None):
+        """Quantize as stored (MLX folders), then load strictly."""
+        quantization = self.checkpoint.quantization(component)
+        if quantization:
+            nn.quantize(
+                model, group_size=quantization["group_size"], bits=quantization["bits"],
+                class_predicate=lambda path, module: f"{path}.scales" in weights,
+            )
+        return load_strict(model, weights, str(self.checkpoint.file(component)), known_extra=known_extra)
+
     @property
     def eva(self) -> EVAVisionTransformer:
         def build():
-            weights = EVAVisionTransformer.sanitize(self.checkpoint.weights("eva"))
-            try:
-                config = EVAConfig.from_shapes(shapes(weights), self.config.vision_heads)
-            except KeyError as exc:
-                raise CheckpointError(f"{self.checkpoint.file('eva')}: missing key {exc}") from None
+            weights = self.checkpoint.weights("eva")
+            if self.checkpoint.torch_layout:
+                weights = EVAVisionTransformer.sanitize(weights)
+            config = self._component_config("eva", EVAConfig, weights)
             _check_heads(config.width, config.num_heads, "EVA")
             self.config.eva = config
-            model = EVAVisionTransformer(config)
-            return load_strict(model, weights, str(self.checkpoint.file("eva")))
+            return self._load_module("eva", EVAVisionTransformer(config), weights)
 
         return self._get("eva", build)
 
     def _tokenizer_config(self, weights) -> TokenizerConfig:
-        try:
-            config = TokenizerConfig.from_shapes(shapes(weights), self.config.vision_heads)
-        except KeyError as exc:
-            raise CheckpointError(f"{self.checkpoint.file('tokenizer')}: missing key {exc}") from None
+        config = self._component_config("tokenizer", TokenizerConfig, weights)
         _check_heads(config.width, config.num_heads, "token merger")
         self.config.tokenizer = config
         return config
@@ -130,12 +148,8 @@ class LaVIT:
 
         def build():
             weights = self.checkpoint.weights("tokenizer")
-            config = self._tokenizer_config(weights)
-            model = DynamicVisualTokenizer(config, quantizer=True)
-            return load_strict(
-                model, weights, str(self.checkpoint.file("tokenizer")),
-                known_extra=self.checkpoint.known_extra("tokenizer"),
-            )
+            model = DynamicVisualTokenizer(self._tokenizer_config(weights), quantizer=True)
+            return self._load_module("tokenizer", model, weights, self.checkpoint.known_extra("tokenizer"))
 
         return self._get("tokenizer", build)
 
@@ -145,30 +159,14 @@ class LaVIT:
         `visual_weight.bin` loaded over them, as the official `build_dynamic_tokenizer`."""
 
         def build():
-            base = self.checkpoint.weights("tokenizer")
-            config = self._tokenizer_config(base)
-            overlay = self.checkpoint.weights("understanding")
-            source = str(self.checkpoint.file("understanding"))
+            weights = self.checkpoint.understanding_weights()
+            if self.checkpoint.config.get("tokenizer") is not None:
+                config = TokenizerConfig.from_dict(self.checkpoint.config["tokenizer"])
+            else:
+                config = TokenizerConfig.from_shapes(shapes(weights), self.config.vision_heads)
+            _check_heads(config.width, config.num_heads, "token merger")
             model = DynamicVisualTokenizer(config, quantizer=False, llm_hidden=self.config.llm_hidden)
-            # Required from visual_weight.bin: the merger and the projection.
-            own = {k: v for k, v in overlay.items() if k.startswith(("causal_encoder.", "vit_proj."))}
-            extras = {k: v for k, v in overlay.items() if k not in own}
-            weights = {k: v for k, v in base.items() if k.startswith("token_predictor.")}
-            for key, value in extras.items():
-                if key in weights and tuple(value.shape) != tuple(weights[key].shape):
-                    raise CheckpointError(
-                        f"{source}: key {key!r} has shape {tuple(value.shape)}, "
-                        f"the model expects {tuple(weights[key].shape)}"
-                    )
-            unknown = [k for k in extras if not self.checkpoint.known_extra("understanding")(k)]
-            if unknown:
-                raise CheckpointError(f"{source}: unexpected key {unknown[0]!r} belongs to no known component")
-            weights.update({k: v for k, v in extras.items() if k.startswith("token_predictor.")})
-            weights.update(own)
-            missing = [k for k in ("vit_proj.weight",) if k not in own]
-            if missing:
-                raise CheckpointError(f"{source}: missing key {missing[0]!r}")
-            return load_strict(model, weights, source)
+            return self._load_module("understanding", model, weights)
 
         return self._get("understanding", build)
 
@@ -217,16 +215,12 @@ class LaVIT:
 
         def build():
             weights = self.checkpoint.weights(name)
-            source = str(self.checkpoint.file(name))
-            try:
-                config = VQDecoderConfig.from_shapes(shapes(weights), self.config.vision_heads)
-            except KeyError as exc:
-                raise CheckpointError(f"{source}: missing key {exc}") from None
+            config = self._component_config(name, VQDecoderConfig, weights)
             _check_heads(config.width, config.num_heads, "VQ decoder")
             if config.highres:
                 _check_heads(config.feature_dim, config.num_heads, "VQ decoder pooling")
             setattr(self.config, name, config)
-            return load_strict(VQDecoder(config), weights, source)
+            return self._load_module(name, VQDecoder(config), weights)
 
         return self._get(name, build)
 
@@ -255,13 +249,9 @@ class LaVIT:
             raise LaVITError(str(exc)) from None
 
     def decoder_config(self, highres: bool = True) -> VQDecoderConfig:
-        """Sizes of a VQ decoder, read from its weight file's shapes."""
+        """Sizes of a VQ decoder (without building it)."""
         name = "highres_decoder" if highres else "lowres_decoder"
-        weights = self.checkpoint.weights(name)
-        try:
-            return VQDecoderConfig.from_shapes(shapes(weights), self.config.vision_heads)
-        except KeyError as exc:
-            raise CheckpointError(f"{self.checkpoint.file(name)}: missing key {exc}") from None
+        return self._component_config(name, VQDecoderConfig, self.checkpoint.weights(name))
 
     def stored_dtype(self, component: str) -> str:
         """The floating dtype a component's weights are stored in ('float16', 'bfloat16', ...)."""
@@ -349,7 +339,8 @@ def load(path, vision_heads: Optional[int] = None) -> LaVIT:
     """Open a LaVIT checkpoint folder.
 
     Args:
-        path: a folder in the released layout (rain1011/LaVIT-7B-v2).
+        path: a folder in the released layout (rain1011/LaVIT-7B-v2) or the MLX
+            folder format written by `lavit convert`.
         vision_heads: attention heads of the ViT, merger and VQ decoders (16 in the
             release; tensor shapes cannot reveal it).
 
@@ -360,4 +351,9 @@ def load(path, vision_heads: Optional[int] = None) -> LaVIT:
         CheckpointError: the folder is missing or is not a LaVIT checkpoint.
     """
     checkpoint = Checkpoint.open(path)
-    return LaVIT(checkpoint, vision_heads=vision_heads or RELEASE_VISION_HEADS)
+    stored = checkpoint.config.get("vision_heads")
+    if stored is not None and vision_heads is not None and vision_heads != stored:
+        raise CheckpointError(
+            f"{checkpoint.path} was converted with vision heads {stored}; --vision-heads {vision_heads} contradicts it"
+        )
+    return LaVIT(checkpoint, vision_heads=vision_heads or stored or RELEASE_VISION_HEADS)

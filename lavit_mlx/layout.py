@@ -45,3 +45,27 @@ KNOWN_EXTRAS: Dict[str, Callable[[str], bool]] = {
     # Old transformers checkpoints saved rotary buffers.
     "llm": lambda k: k.endswith("rotary_emb.inv_freq"),
 }
+
+# The MLX folder format written by `lavit convert` (docs/mlx-format.md).
+MLX_FORMAT = {
+    "name": "lavit-mlx",
+    "version": 1,
+    # one safetensors file per vision component; above MAX_SHARD_BYTES it is split into
+    # NAME-0000i-of-0000n.safetensors with a NAME.safetensors.index.json weight map
+    "files": {
+        "eva": "eva.safetensors",
+        "tokenizer": "tokenizer.safetensors",
+        "understanding": "understanding.safetensors",
+        "lowres_decoder": "lowres_decoder.safetensors",
+        "highres_decoder": "highres_decoder.safetensors",
+    },
+    # the quantization setting that applies to each component
+    "quantization_group": {
+        "eva": "vision", "tokenizer": "vision", "understanding": "vision",
+        "lowres_decoder": "vision", "highres_decoder": "vision",
+        "llm": "llm", "highres_pixel": "unet", "lowres_pixel": "unet",
+    },
+    "manifest": "manifest.json",
+}
+
+MAX_SHARD_BYTES = 5 * 2**30

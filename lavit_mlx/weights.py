@@ -7,6 +7,7 @@ runs without torch on MLX-format folders.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
@@ -39,6 +40,31 @@ def read_weights(path: Path, keys: Optional[set] = None) -> Weights:
     weights = read_torch_file(path, keys=keys)
     if isinstance(weights, mx.array):
         raise CheckpointError(f"{path}: expected a state dict, found a single tensor")
+    return weights
+
+
+def read_sharded(path: Path, keys: Optional[set] = None) -> Weights:
+    """Read `path`, or the shards listed in `path.index.json` when it was split."""
+    path = Path(path)
+    if path.is_file():
+        return read_weights(path, keys=keys)
+    index = Path(str(path) + ".index.json")
+    if not index.is_file():
+        raise CheckpointError(f"missing weight file {path}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index ({exc})") from None
+    weights: Weights = {}
+    for shard in sorted(set(weight_map.values())):
+        wanted = None if keys is None else {k for k in keys if weight_map.get(k) == shard}
+        if wanted is not None and not wanted:
+            continue
+        part = read_weights(path.parent / shard, keys=wanted)
+        missing = [k for k, s in weight_map.items() if s == shard and k not in part and (keys is None or k in keys)]
+        if missing:
+            raise CheckpointError(f"{path.parent / shard}: missing key {missing[0]!r} listed in {index.name}")
+        weights.update(part)
     return weights
 
 
