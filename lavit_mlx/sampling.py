@@ -1,0 +1,572 @@
+"""LaVIT's decoding loops on the LLM, with transformers 4.33.2 `generate` semantics.
+
+The release calls `LlamaForCausalLM.generate(inputs_embeds=..., attention_mask=...)`
+(official `lavit_for_understanding.py`, `lavit_for_generation.py`; reference section 4).
+What that means in 4.33.2 and is reproduced here:
+
+- `input_ids` starts as `[[bos]]` per row (bos = `<s>` for text, `[IMG]` for images).
+  The bos is never fed to the model but counts in every length: max_length =
+  1 + max_new_tokens, `MinNewTokensLengthLogitsProcessor` skips a prompt of 1, a
+  beam hypothesis' length (for the length penalty) is bos + its tokens before eos,
+  and `BeamSearchScorer.process` calls `is_done` with cur_len = len(input_ids) + 1.
+- Position ids come from the attention mask, so in a left-padded batch every row
+  starts at position 0: mlx-lm's BatchKVCache (per-row offsets) does exactly this.
+- Logits processors in transformers' order: classifier-free guidance, repetition
+  penalty, min_new_tokens (eos -> -inf), suppress_tokens; then the sampling warpers
+  temperature, top-k, top-p; then argmax or multinomial sampling. Beam search runs the
+  processors on log-softmax scores.
+- Classifier-free guidance is `UnbatchedClassifierFreeGuidanceLogitsProcessor`: an
+  unconditional sequence starting from `[IMG]` alone (or the negative prompt ids) that
+  receives every sampled token; out = g * (log_softmax(cond) - log_softmax(uncond))
+  + log_softmax(uncond). The release runs it as a second forward per step; here the
+  conditional and unconditional rows are one left-padded batch with one shared cache,
+  so each decoding step is a single forward.
+
+Loops are generators that yield once per step (mlx-lm `generate_step`); the next step
+is queued with `mx.async_eval` before the current tokens are read, and all logits
+processing stays on the device. `generate_text` / `generate_image_tokens` collect.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .config import TokenIds
+from .errors import LaVITError
+from .models.llm import LanguageModel
+
+# transformers' BeamSearch initial score of every beam but the first, and its candidate
+# count per row: max(2, 1 + number of eos ids) * num_beams.
+_INACTIVE_BEAM_SCORE = -1e9
+_CANDIDATES_PER_BEAM = 2
+
+
+@dataclass
+class TextDecoding:
+    """Options of `generate(...)` for text; defaults are transformers' GenerationConfig ones."""
+
+    max_new_tokens: int = 36
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+
+    @classmethod
+    def caption(cls, **overrides) -> "TextDecoding":
+        """The release's captioning: 2 beams, 8..36 new tokens (reference section 4)."""
+        return cls(**{"num_beams": 2, "max_new_tokens": 36, "min_new_tokens": 8, **overrides})
+
+    @classmethod
+    def vqa(cls, **overrides) -> "TextDecoding":
+        """The release's VQA: 5 beams, 2..10 new tokens, length_penalty 0."""
+        return cls(**{"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 2, "length_penalty": 0.0,
+                      **overrides})
+
+    def __post_init__(self):
+        _check_common(self.max_new_tokens, self.min_new_tokens, self.temperature, self.top_k, self.top_p)
+        if self.num_beams < 1:
+            raise LaVITError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise LaVITError("sampling with beams (beam_sample) is not supported: use num_beams=1 or do_sample=False")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise LaVITError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.repetition_penalty <= 0:
+            raise LaVITError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class ImageTokenDecoding:
+    """Options of the release's image-token generation (reference section 4, "Text-to-image")."""
+
+    guidance_scale: float = 4.0  # 5.0 for multimodal prompts in the release
+    min_new_tokens: int = 20
+    max_new_tokens: int = 200
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        _check_common(self.max_new_tokens, self.min_new_tokens, self.temperature, self.top_k, self.top_p)
+
+
+def _check_common(max_new, min_new, temperature, top_k, top_p):
+    if max_new < 1:
+        raise LaVITError(f"max_new_tokens must be >= 1, got {max_new}")
+    if min_new < 0:
+        raise LaVITError(f"min_new_tokens must be >= 0, got {min_new}")
+    if temperature <= 0:
+        raise LaVITError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise LaVITError(f"top_k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise LaVITError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# ----------------------------------------------------------------------------- processors
+def _id_mask(vocab_size: int, ids: Sequence[int]) -> mx.array:
+    mask = np.zeros(vocab_size, dtype=bool)
+    mask[np.asarray(list(ids), dtype=np.int64)] = True
+    return mx.array(mask)
+
+
+def visual_suppression(token_ids: TokenIds) -> List[int]:
+    """Ids the release suppresses when decoding text: `[IMG]`, `[/IMG]` and every visual code."""
+    return list(range(token_ids.image_start, token_ids.vocab_size))
+
+
+def text_suppression(token_ids: TokenIds) -> List[int]:
+    """Ids the release suppresses when generating image tokens: every text id except unk, bos, eos."""
+    special = {token_ids.unk, token_ids.bos, token_ids.eos}
+    return [i for i in range(token_ids.num_text) if i not in special]
+
+
+def _neg_inf(scores: mx.array, mask: mx.array) -> mx.array:
+    return mx.where(mask, mx.array(-mx.inf, scores.dtype), scores)
+
+
+def _repetition_penalty(scores, seen, penalty):
+    # RepetitionPenaltyLogitsProcessor: tokens already in input_ids (bos included).
+    penalised = mx.where(scores < 0, scores * penalty, scores / penalty)
+    return mx.where(seen, penalised, scores)
+
+
+def _warp(scores: mx.array, temperature: float, top_k: int, top_p: float, min_keep: int = 1) -> mx.array:
+    """TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, in that order."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    vocab = scores.shape[-1]
+    if top_k:
+        k = min(max(top_k, min_keep), vocab)
+        kth = -mx.partition(-scores, k - 1, axis=-1)[..., k - 1 : k]  # k-th largest, (rows, 1)
+        scores = _neg_inf(scores, scores < kth)
+    if top_p < 1.0:
+        order = mx.argsort(scores, axis=-1)  # ascending
+        cumulative = mx.cumsum(mx.softmax(mx.take_along_axis(scores, order, axis=-1), axis=-1), axis=-1)
+        drop_sorted = (cumulative <= 1 - top_p) & (mx.arange(vocab) < vocab - min_keep)
+        drop = mx.put_along_axis(mx.zeros(scores.shape, dtype=mx.bool_), order, drop_sorted, axis=-1)
+        scores = _neg_inf(scores, drop)
+    return scores
+
+
+def _choose(scores, do_sample, temperature, top_k, top_p, key):
+    if not do_sample:
+        return mx.argmax(scores, axis=-1).astype(mx.int32)
+    scores = _warp(scores, temperature, top_k, top_p)
+    return mx.random.categorical(scores, axis=-1, key=key).astype(mx.int32)
+
+
+def _key(seed: Optional[int]) -> mx.array:
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    return mx.random.key(seed)
+
+
+def _one_hot(tokens: mx.array, vocab_size: int) -> mx.array:
+    return mx.arange(vocab_size)[None] == tokens[:, None]
+
+
+def _set_suppression(lm: LanguageModel, suppress: Optional[Sequence[int]]) -> mx.array:
+    ids = visual_suppression(lm.token_ids) if suppress is None else list(suppress)
+    return _id_mask(lm.args.vocab_size, ids)
+
+
+def _prefill(lm: LanguageModel, inputs_embeds: Sequence[mx.array], max_new_tokens: int):
+    batch, padding = lm.pad_embeddings(inputs_embeds)
+    lm.check_length(batch.shape[1], max_new_tokens)
+    cache = lm.make_cache(padding)
+    return lm(inputs_embeds=batch, cache=cache)[:, -1], cache
+
+
+# ----------------------------------------------------------------------------- text: greedy / sampling
+def stream_text(
+    lm: LanguageModel,
+    inputs_embeds: Sequence[mx.array],
+    config: TextDecoding = TextDecoding(),
+    suppress: Optional[Sequence[int]] = None,
+    seed: Optional[int] = None,
+) -> Iterator[List[Optional[int]]]:
+    """Greedy or sampled decoding (num_beams == 1) of a left-padded batch, one step per yield.
+
+    Args:
+        inputs_embeds: per row a (T_i, hidden) array (e.g. [IMG], visual embeddings,
+            [/IMG], prompt embeddings); rows are left-padded with the eos embedding.
+        config: decoding options (num_beams must be 1).
+        suppress: ids never generated; None = `[IMG]`, `[/IMG]` and the visual codes.
+        seed: sampling seed (same seed, same tokens); None draws one.
+
+    Yields:
+        per step, for each row, the new token id, or None once the row has ended
+        (the eos itself is yielded). Stops when every row has ended or after
+        max_new_tokens steps.
+    """
+    if config.num_beams != 1:
+        raise LaVITError("stream_text decodes with num_beams=1; use beam_search for beams")
+    ids = lm.token_ids
+    vocab = lm.args.vocab_size
+    suppress_mask = _set_suppression(lm, suppress)
+    eos_mask = _id_mask(vocab, [ids.eos])
+    rows = len(inputs_embeds)
+    key = _key(seed)
+    logits, cache = _prefill(lm, inputs_embeds, config.max_new_tokens)
+    state = {"ended": mx.zeros((rows,), dtype=mx.bool_), "key": key,
+             "seen": _one_hot(mx.full((rows,), ids.bos, dtype=mx.int32), vocab)}
+
+    def choose(logits: mx.array, step: int) -> mx.array:
+        scores = logits
+        if config.repetition_penalty != 1.0:
+            scores = _repetition_penalty(scores, state["seen"], config.repetition_penalty)
+        if step < config.min_new_tokens:
+            scores = _neg_inf(scores, eos_mask)
+        scores = _neg_inf(scores, suppress_mask)
+        state["key"], sub = mx.random.split(state["key"])
+        tokens = _choose(scores, config.do_sample, config.temperature, config.top_k, config.top_p, sub)
+        tokens = mx.where(state["ended"], ids.pad, tokens)  # ended rows get pad, as transformers
+        state["ended"] = state["ended"] | (tokens == ids.eos)
+        if config.repetition_penalty != 1.0:
+            state["seen"] = state["seen"] | _one_hot(tokens, vocab)
+        return tokens
+
+    tokens = choose(logits, 0)
+    mx.async_eval(tokens)
+    ended = [False] * rows
+    for step in range(config.max_new_tokens):
+        if step + 1 < config.max_new_tokens:
+            upcoming = choose(lm(input_ids=tokens[:, None], cache=cache)[:, -1], step + 1)
+            mx.async_eval(upcoming)
+        values = tokens.tolist()
+        yield [None if ended[r] else values[r] for r in range(rows)]
+        ended = [ended[r] or values[r] == ids.eos for r in range(rows)]
+        if all(ended) or step + 1 == config.max_new_tokens:
+            return
+        tokens = upcoming
+
+
+# ----------------------------------------------------------------------------- text: beam search
+class _Hypotheses:
+    """transformers 4.33.2 `BeamHypotheses`: the n best finished sequences of one row."""
+
+    def __init__(self, num_beams: int, length_penalty: float, early_stopping, max_length: int):
+        self.num_beams = num_beams
+        self.length_penalty = length_penalty
+        self.early_stopping = early_stopping
+        self.max_length = max_length
+        self.beams: list = []  # (score, ids incl. bos, ended on eos)
+        self.worst_score = 1e9
+
+    def add(self, ids: List[int], sum_logprobs: float, on_eos: bool) -> None:
+        score = sum_logprobs / (len(ids) ** self.length_penalty)
+        if len(self.beams) < self.num_beams or score > self.worst_score:
+            self.beams.append((score, ids, on_eos))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted((s, i) for i, (s, _, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
+        if len(self.beams) < self.num_beams:
+            return False
+        if self.early_stopping is True:
+            return True
+        if self.early_stopping is False or self.length_penalty <= 0.0:
+            best = best_sum_logprobs / cur_len**self.length_penalty
+        else:  # "never" with a positive penalty: the longest possible sequence is the best
+            best = best_sum_logprobs / self.max_length**self.length_penalty
+        return self.worst_score >= best
+
+    def best(self):
+        return sorted(self.beams, key=lambda b: b[0])[-1]
+
+
+@dataclass
+class BeamStep:
+    """One beam-search step: per row whether it is done and its best running beam's tokens.
+
+    The last step yielded carries `sequences`: per row the chosen hypothesis' new
+    tokens (ending with eos when it ended on eos) and `scores` (length-normalised).
+    """
+
+    step: int
+    done: List[bool]
+    running: List[List[int]]
+    sequences: Optional[List[List[int]]] = None
+    scores: Optional[List[float]] = None
+
+
+def beam_search(
+    lm: LanguageModel,
+    inputs_embeds: Sequence[mx.array],
+    config: TextDecoding = TextDecoding.caption(),
+    suppress: Optional[Sequence[int]] = None,
+) -> Iterator[BeamStep]:
+    """Beam search as transformers 4.33.2 `beam_search` + `BeamSearchScorer` (num_return_sequences 1).
+
+    Args:
+        inputs_embeds: per row a (T_i, hidden) array; left-padded with the eos embedding.
+        config: num_beams >= 2, max/min_new_tokens, length_penalty, early_stopping,
+            repetition_penalty.
+        suppress: ids never generated; None = `[IMG]`, `[/IMG]` and the visual codes.
+
+    Yields:
+        a BeamStep per decoding step; the last one has `sequences` set.
+    """
+    nb = config.num_beams
+    if nb < 2:
+        raise LaVITError("beam_search needs num_beams >= 2; use stream_text for greedy or sampling")
+    ids = lm.token_ids
+    vocab = lm.args.vocab_size
+    suppress_mask = _set_suppression(lm, suppress)
+    allowed = vocab - int(suppress_mask.sum().item())
+    if allowed < _CANDIDATES_PER_BEAM * nb:
+        raise LaVITError(f"{nb} beams need at least {_CANDIDATES_PER_BEAM * nb} allowed ids, only {allowed} are")
+    eos_mask = _id_mask(vocab, [ids.eos])
+    rows = len(inputs_embeds)
+    max_length = 1 + config.max_new_tokens  # the bos counts
+    logits, cache = _prefill(lm, inputs_embeds, config.max_new_tokens)
+    # Prefill once per row, then copy the row to its beams (transformers prefills each copy).
+    expand = mx.array([r for r in range(rows) for _ in range(nb)])
+    logits = logits[expand]
+    for layer_cache in cache:
+        layer_cache.filter(expand)
+    beam_scores = np.zeros((rows, nb), dtype=np.float32)
+    beam_scores[:, 1:] = _INACTIVE_BEAM_SCORE
+    sequences = [[ids.bos] for _ in range(rows * nb)]
+    seen = _one_hot(mx.full((rows * nb,), ids.bos, dtype=mx.int32), vocab)
+    hyps = [_Hypotheses(nb, config.length_penalty, config.early_stopping, max_length) for _ in range(rows)]
+    done = [False] * rows
+    k = _CANDIDATES_PER_BEAM * nb
+
+    for step in range(config.max_new_tokens):
+        scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if config.repetition_penalty != 1.0:
+            scores = _repetition_penalty(scores, seen, config.repetition_penalty)
+        if step < config.min_new_tokens:
+            scores = _neg_inf(scores, eos_mask)
+        scores = _neg_inf(scores, suppress_mask)
+        scores = (scores + mx.array(beam_scores.reshape(-1, 1))).reshape(rows, nb * vocab)
+        top = mx.argpartition(-scores, k - 1, axis=-1)[:, :k]
+        top_scores = mx.take_along_axis(scores, top, axis=-1)
+        top, top_scores = np.array(top), np.array(top_scores)
+        cur_len = len(sequences[0]) + 1  # as BeamSearchScorer.process
+
+        next_scores = np.zeros((rows, nb), dtype=np.float32)
+        next_tokens = np.full((rows, nb), ids.pad, dtype=np.int64)
+        next_rows = np.zeros((rows, nb), dtype=np.int64)
+        for r in range(rows):
+            if done[r]:
+                # transformers pads finished rows; their beams keep their own cache rows.
+                next_rows[r] = np.arange(r * nb, (r + 1) * nb)
+                continue
+            order = np.lexsort((top[r], -top_scores[r]))  # best first; ties: lower index
+            filled = 0
+            for rank, j in enumerate(order):
+                score, flat = float(top_scores[r, j]), int(top[r, j])
+                beam, token = divmod(flat, vocab)
+                source = r * nb + beam
+                if token == ids.eos:
+                    if rank >= nb:  # an eos outside the top num_beams is not a hypothesis
+                        continue
+                    hyps[r].add(list(sequences[source]), score, on_eos=True)
+                else:
+                    next_scores[r, filled], next_tokens[r, filled], next_rows[r, filled] = score, token, source
+                    filled += 1
+                if filled == nb:
+                    break
+            done[r] = done[r] or hyps[r].is_done(float(top_scores[r].max()), cur_len)
+
+        beam_scores = next_scores
+        source_rows = next_rows.reshape(-1)
+        sequences = [sequences[s] + [int(t)] for s, t in zip(source_rows, next_tokens.reshape(-1))]
+        last = all(done) or len(sequences[0]) >= max_length
+        running = [sequences[r * nb][1:] for r in range(rows)]
+        if last:
+            break
+        yield BeamStep(step, list(done), running)
+        index = mx.array(source_rows)
+        tokens = mx.array(next_tokens.reshape(-1), dtype=mx.int32)
+        for layer_cache in cache:
+            layer_cache.filter(index)
+        if config.repetition_penalty != 1.0:
+            seen = seen[index] | _one_hot(tokens, vocab)
+        logits = lm(input_ids=tokens[:, None], cache=cache)[:, -1]
+
+    # finalize: open beams of unfinished rows compete with the finished hypotheses.
+    for r in range(rows):
+        if not done[r]:
+            for b in range(nb):
+                hyps[r].add(sequences[r * nb + b], float(beam_scores[r, b]), on_eos=False)
+    best = [hyp.best() for hyp in hyps]
+    yield BeamStep(
+        step, list(done), running,
+        sequences=[list(seq[1:]) + ([ids.eos] if on_eos else []) for _, seq, on_eos in best],
+        scores=[score for score, _, _ in best],
+    )
+
+
+def generate_text(
+    lm: LanguageModel,
+    inputs_embeds: Sequence[mx.array],
+    config: TextDecoding = TextDecoding.caption(),
+    suppress: Optional[Sequence[int]] = None,
+    seed: Optional[int] = None,
+) -> List[List[int]]:
+    """Decode every row to the end: new token ids per row (ending with eos if it stopped on it).
+
+    Beam search when config.num_beams > 1, otherwise greedy/sampling. Decode the ids
+    with `TextTokenizer.decode`.
+    """
+    if config.num_beams > 1:
+        final = None
+        for final in beam_search(lm, inputs_embeds, config, suppress):
+            pass
+        return final.sequences
+    out: List[List[int]] = [[] for _ in inputs_embeds]
+    for tokens in stream_text(lm, inputs_embeds, config, suppress, seed):
+        for row, token in enumerate(tokens):
+            if token is not None:
+                out[row].append(token)
+    return out
+
+
+# ----------------------------------------------------------------------------- image tokens
+def _negative_rows(negative_prompt_ids, count: int, token_ids: TokenIds) -> List[List[int]]:
+    if negative_prompt_ids is None:
+        return [[token_ids.image_start] for _ in range(count)]
+    rows = list(negative_prompt_ids)
+    if rows and all(isinstance(i, (int, np.integer)) for i in rows):
+        return [[int(i) for i in rows] for _ in range(count)]
+    if len(rows) != count:
+        raise LaVITError(f"{len(rows)} negative prompts for {count} prompts")
+    return [[int(i) for i in row] for row in rows]
+
+
+def stream_image_tokens(
+    lm: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    config: ImageTokenDecoding = ImageTokenDecoding(),
+    negative_prompt_ids=None,
+    seed: Optional[int] = None,
+    two_pass: bool = False,
+) -> Iterator[List[Optional[int]]]:
+    """Image-token generation with classifier-free guidance, one step per yield.
+
+    Args:
+        prompts: per image the prompt ids WITHOUT the trailing `[IMG]` (text ids and
+            visual ids mixed, no BOS); `[IMG]` is appended here, as the release does.
+        config: guidance scale, min/max new tokens, sampling options.
+        negative_prompt_ids: None (the unconditional branch is `[IMG]` alone at
+            position 0), one id list for every prompt, or one list per prompt. As in
+            transformers, these ids are the whole start of the unconditional branch.
+        seed: sampling seed (same seed, same tokens); None draws one.
+        two_pass: run the unconditional branch as a separate forward with its own
+            cache, as the release does (for comparison; same tokens, slower).
+
+    Yields:
+        per step, for each prompt, the new id, or None once the prompt has produced
+        `[/IMG]` (which is yielded). Stops when all have ended or after max_new_tokens.
+    """
+    ids = lm.token_ids
+    vocab = lm.args.vocab_size
+    rows = len(prompts)
+    if rows == 0:
+        raise LaVITError("no prompt to generate from")
+    guided = config.guidance_scale != 1.0  # transformers adds no guidance processor at 1
+    cond_rows = [[int(i) for i in p] + [ids.image_start] for p in prompts]
+    cond_ids, cond_pad = lm.pad_ids(cond_rows)
+    lm.check_length(cond_ids.shape[1], config.max_new_tokens)
+    cache = lm.make_cache(cond_pad)
+    logits = lm(input_ids=cond_ids, cache=cache)[:, -1]
+    uncond_cache = None
+    if guided:
+        uncond_ids, uncond_pad = lm.pad_ids(_negative_rows(negative_prompt_ids, rows, ids))
+        lm.check_length(uncond_ids.shape[1], config.max_new_tokens)
+        uncond_cache = lm.make_cache(uncond_pad)
+        uncond_logits = lm(input_ids=uncond_ids, cache=uncond_cache)[:, -1]
+        logits = mx.concatenate([logits, uncond_logits])
+        if not two_pass:
+            # One left-padded batch: rows [cond_0..cond_B-1, uncond_0..uncond_B-1].
+            for layer_cache, layer_uncond in zip(cache, uncond_cache):
+                layer_cache.extend(layer_uncond)
+            uncond_cache = None
+
+    def forward(tokens: mx.array) -> mx.array:
+        if not guided:
+            return lm(input_ids=tokens[:, None], cache=cache)[:, -1]
+        if uncond_cache is None:
+            both = mx.concatenate([tokens, tokens])[:, None]
+            return lm(input_ids=both, cache=cache)[:, -1]
+        return mx.concatenate([
+            lm(input_ids=tokens[:, None], cache=cache)[:, -1],
+            lm(input_ids=tokens[:, None], cache=uncond_cache)[:, -1],
+        ])
+
+    suppress_mask = _id_mask(vocab, text_suppression(ids))
+    end_mask = _id_mask(vocab, [ids.image_end])
+    state = {"ended": mx.zeros((rows,), dtype=mx.bool_), "key": _key(seed)}
+
+    def choose(logits: mx.array, step: int) -> mx.array:
+        if guided:
+            scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            cond, uncond = scores[:rows], scores[rows:]
+            scores = config.guidance_scale * (cond - uncond) + uncond
+        else:
+            scores = logits
+        if step < config.min_new_tokens:
+            scores = _neg_inf(scores, end_mask)
+        scores = _neg_inf(scores, suppress_mask)
+        state["key"], sub = mx.random.split(state["key"])
+        tokens = _choose(scores, config.do_sample, config.temperature, config.top_k, config.top_p, sub)
+        tokens = mx.where(state["ended"], ids.pad, tokens)
+        state["ended"] = state["ended"] | (tokens == ids.image_end)
+        return tokens
+
+    tokens = choose(logits, 0)
+    mx.async_eval(tokens)
+    ended = [False] * rows
+    for step in range(config.max_new_tokens):
+        if step + 1 < config.max_new_tokens:
+            upcoming = choose(forward(tokens), step + 1)
+            mx.async_eval(upcoming)
+        values = tokens.tolist()
+        yield [None if ended[r] else values[r] for r in range(rows)]
+        ended = [ended[r] or values[r] == ids.image_end for r in range(rows)]
+        if all(ended) or step + 1 == config.max_new_tokens:
+            return
+        tokens = upcoming
+
+
+def generate_image_tokens(
+    lm: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    config: ImageTokenDecoding = ImageTokenDecoding(),
+    negative_prompt_ids=None,
+    seed: Optional[int] = None,
+    two_pass: bool = False,
+) -> List[List[int]]:
+    """Generated ids per prompt (ending with `[/IMG]` when produced); see `stream_image_tokens`.
+
+    `visual_codes` turns them into codebook indices.
+    """
+    out: List[List[int]] = [[] for _ in prompts]
+    for tokens in stream_image_tokens(lm, prompts, config, negative_prompt_ids, seed, two_pass):
+        for row, token in enumerate(tokens):
+            if token is not None:
+                out[row].append(token)
+    return out
+
+
+def visual_codes(generated: Sequence[int], token_ids: TokenIds) -> List[int]:
+    """Codebook indices of generated ids: keep ids >= visual_offset, subtract it (the release)."""
+    return [int(i) - token_ids.visual_offset for i in generated if int(i) >= token_ids.visual_offset]
