@@ -109,7 +109,6 @@ class UNetConfig:
     attention_head_dim: Union[int, Sequence[int]] = 8
     use_linear_projection: bool = False
     upcast_attention: bool = False  # float32 everywhere here: no effect
-    resnet_out_scale_factor: float = 1.0
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     time_embedding_dim: Optional[int] = None
@@ -375,6 +374,8 @@ class Transformer2DModel(nn.Module):
 
 
 # --------------------------------------------------------------------------- UNet blocks
+# diffusers passes `resnet_out_scale_factor` only to block types not supported here, so
+# these blocks' resnets keep output scale 1 whatever the config says.
 class DownBlock(nn.Module):
     """`CrossAttnDownBlock2D` (with_attention) or `DownBlock2D`."""
 
@@ -383,7 +384,7 @@ class DownBlock(nn.Module):
         out_channels = cfg.block_out_channels[index]
         self.resnets = [
             ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, cfg.time_embed_dim,
-                          cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_out_scale_factor)
+                          cfg.norm_num_groups, cfg.norm_eps)
             for j in range(cfg.layers[index])]
         if with_attention:
             self.attentions = [
@@ -421,7 +422,7 @@ class UpBlock(nn.Module):
             skip_channels = in_channels if j == num_layers - 1 else out_channels
             resnet_in = prev_channels if j == 0 else out_channels
             self.resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, cfg.time_embed_dim,
-                                              cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_out_scale_factor))
+                                              cfg.norm_num_groups, cfg.norm_eps))
         if with_attention:
             self.attentions = [
                 Transformer2DModel(out_channels, cfg.heads[::-1][i], depth, cfg.context_dims[::-1][i],

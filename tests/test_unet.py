@@ -1,0 +1,274 @@
+"""The MLX UNet against the official fixture and against diffusers' UNet2DConditionModel.
+
+The diffusers models are random and tiny, of other shapes than the fixture's: three
+resolution levels, int and per-block head counts, linear and 1x1-conv projections, an
+SDXL-style text_time UNet on a non-square latent, latent sizes the down path cannot halve
+exactly, a context mask, batches of 2 and 3. Each is saved with `save_pretrained` and
+read back through `load_unet` (config -> model -> sanitize -> strict load).
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from lavit_mlx.errors import CheckpointError, LaVITError
+from lavit_mlx.models.unet import UNetConfig, UNet2DConditionModel, load_unet
+from lavit_mlx.weights import load_strict
+
+# float32 end to end; measured ~2e-6 on the fixture and ~1e-6 against diffusers.
+TOL = 1e-4
+
+
+def max_rel(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+# ------------------------------------------------------------------------- official fixture
+@pytest.fixture(scope="module")
+def expected(official_tiny):
+    from safetensors.numpy import load_file
+
+    return load_file(str(official_tiny / "expected.safetensors"))
+
+
+def test_fixture_lowres_unet_with_context_mask(official_checkpoint, expected):
+    unet = load_unet(official_checkpoint / "pixel_decoding" / "unet")  # a .bin folder
+    latents = expected["unet_latents"]
+    context = np.repeat(expected["lowres_condition"], latents.shape[0], axis=0)
+    mask = expected["lowres_unet_mask"]
+    assert mask[0].sum() < mask.shape[1]  # row 0 really masks positions
+    out = unet(latents, 501, context, encoder_attention_mask=mask)
+    assert out.shape == latents.shape
+    assert max_rel(out, expected["lowres_unet_out"]) <= TOL
+    # The mask changes the prediction: ignoring it must not pass.
+    assert max_rel(unet(latents, 501, context), expected["lowres_unet_out"]) > 10 * TOL
+
+
+def test_fixture_highres_unet_text_time(official_checkpoint, expected):
+    unet = load_unet(official_checkpoint / "highres_pixel_decoding" / "unet")
+    latents = expected["unet_latents"]
+    batch = latents.shape[0]
+    out = unet(latents, 501, np.repeat(expected["highres_prompt_embeds"], batch, axis=0),
+               text_embeds=np.repeat(expected["highres_pooled"], batch, axis=0),
+               time_ids=expected["highres_time_ids"])
+    assert max_rel(out, expected["highres_unet_out"]) <= TOL
+
+
+# ------------------------------------------------------------------------- against diffusers
+BASE = dict(in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=8)
+
+CASES = {
+    # SD-2 style: per-block heads, linear projections, 3 levels, mask, batch 2.
+    "three_levels_list_heads_linear": dict(
+        config=dict(BASE, block_out_channels=(16, 32, 48),
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    attention_head_dim=[2, 4, 4], use_linear_projection=True, cross_attention_dim=24),
+        latent=(2, 8, 8), context_len=7, mask=True, timestep=999),
+    # SD-1 style: int heads, 1x1-conv projections, 2 layers per block, odd latent sizes
+    # (10x6 cannot be halved twice: the up path resizes to the skips), batch 3,
+    # sin/cos order and frequency shift of the other convention, centred input, a mid
+    # block output scale, and a resnet_out_scale_factor that diffusers ignores for these
+    # block types.
+    "int_heads_conv_projection_uneven_latent": dict(
+        config=dict(BASE, block_out_channels=(16, 32, 32), layers_per_block=2,
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    attention_head_dim=2, use_linear_projection=False, cross_attention_dim=12,
+                    flip_sin_to_cos=False, freq_shift=1, center_input_sample=True,
+                    resnet_out_scale_factor=2.0, mid_block_scale_factor=1.5),
+        latent=(3, 10, 6), context_len=5, mask=True, timestep=37),
+    # SDXL style: text_time added embedding, deeper transformers on the inner blocks,
+    # non-square latent, a fractional timestep, batch 2 with different size ids.
+    "text_time_non_square": dict(
+        config=dict(BASE, block_out_channels=(16, 32, 64),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    attention_head_dim=[1, 2, 4], transformer_layers_per_block=[1, 1, 2],
+                    use_linear_projection=True, cross_attention_dim=32,
+                    addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=20 + 6 * 8),
+        latent=(2, 8, 12), context_len=6, mask=False, timestep=437.5, text_embeds_dim=20),
+}
+
+
+def random_diffusers_unet(config: dict, seed: int):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DConditionModel(**config).eval()
+    with torch.no_grad():  # norms away from (1, 0) so that their loading is checked too
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def case_inputs(case: dict, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    batch, height, width = case["latent"]
+    cfg = case["config"]
+    inputs = dict(
+        sample=rng.standard_normal((batch, cfg["in_channels"], height, width)).astype(np.float32),
+        context=rng.standard_normal((batch, case["context_len"], cfg["cross_attention_dim"])).astype(np.float32),
+    )
+    if case["mask"]:
+        mask = np.ones((batch, case["context_len"]), dtype=bool)
+        mask[0, 2:] = False  # different lengths per row
+        mask[-1, -1] = False
+        inputs["mask"] = mask
+    if cfg.get("addition_embed_type") == "text_time":
+        inputs["text_embeds"] = rng.standard_normal((batch, case["text_embeds_dim"])).astype(np.float32)
+        sizes = np.array([[64, 96, 0, 0, 64, 96], [96, 64, 8, 4, 80, 72]], dtype=np.float32)
+        inputs["time_ids"] = sizes[np.arange(batch) % 2]
+    return inputs
+
+
+def run_diffusers(model, case: dict, inputs: dict) -> np.ndarray:
+    import torch
+
+    added = None
+    if "text_embeds" in inputs:
+        added = {"text_embeds": torch.from_numpy(inputs["text_embeds"]),
+                 "time_ids": torch.from_numpy(inputs["time_ids"])}
+    with torch.no_grad():
+        out = model(torch.from_numpy(inputs["sample"]), case["timestep"],
+                    encoder_hidden_states=torch.from_numpy(inputs["context"]),
+                    encoder_attention_mask=torch.from_numpy(inputs["mask"]) if "mask" in inputs else None,
+                    added_cond_kwargs=added).sample
+    return out.numpy()
+
+
+def run_ours(unet, case: dict, inputs: dict) -> mx.array:
+    return unet(inputs["sample"], case["timestep"], inputs["context"],
+                encoder_attention_mask=inputs.get("mask"),
+                text_embeds=inputs.get("text_embeds"), time_ids=inputs.get("time_ids"))
+
+
+@pytest.fixture(scope="module")
+def diffusers_unets(tmp_path_factory):
+    """name -> (folder written by save_pretrained, reference output, inputs)."""
+    built = {}
+    for seed, (name, case) in enumerate(CASES.items()):
+        model = random_diffusers_unet(case["config"], seed)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(str(folder))
+        inputs = case_inputs(case, seed)
+        built[name] = (folder, run_diffusers(model, case, inputs), inputs)
+    return built
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_diffusers(name, diffusers_unets):
+    folder, reference, inputs = diffusers_unets[name]
+    unet = load_unet(folder)
+    out = run_ours(unet, CASES[name], inputs)
+    assert out.dtype == mx.float32
+    assert out.shape == reference.shape
+    assert max_rel(out, reference) <= TOL
+
+
+def test_batch_rows_are_independent(diffusers_unets):
+    """Row i of a batch equals the same input run alone (mask and time ids per row)."""
+    name = "text_time_non_square"
+    folder, reference, inputs = diffusers_unets[name]
+    unet = load_unet(folder)
+    single = {k: v[1:2] for k, v in inputs.items()}
+    out = run_ours(unet, CASES[name], single)
+    assert max_rel(out, reference[1:2]) <= TOL
+
+
+def test_sanitize_is_idempotent_and_mlx_weights_reload(diffusers_unets, tmp_path):
+    folder, reference, inputs = diffusers_unets["int_heads_conv_projection_uneven_latent"]
+    unet = load_unet(folder)
+    converted = dict(tree_flatten(unet.parameters()))
+    assert any(v.ndim == 4 and v.shape[1] != v.shape[-1] for v in converted.values())  # real convs
+    again = unet.sanitize(converted)  # 'torch' is the default; every key here is shape-decided
+    assert set(again) == set(converted)
+    assert all(np.array_equal(np.array(again[k]), np.array(converted[k])) for k in converted)
+
+    # An MLX-layout folder loads to the same model.
+    mx.save_safetensors(str(tmp_path / "diffusion_pytorch_model.safetensors"), converted)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    reloaded = load_unet(tmp_path, source_layout="mlx")
+    case = CASES["int_heads_conv_projection_uneven_latent"]
+    assert max_rel(run_ours(reloaded, case, inputs), reference) <= TOL
+
+
+def test_sanitize_converts_torch_conv_layout(diffusers_unets):
+    folder, _, _ = diffusers_unets["int_heads_conv_projection_uneven_latent"]
+    from lavit_mlx.weights import read_weights
+
+    raw = read_weights(folder / "diffusion_pytorch_model.safetensors")
+    unet = load_unet(folder)
+    key = "down_blocks.0.attentions.0.proj_in.weight"  # a 1x1 conv: (O, I, 1, 1) in torch
+    assert raw[key].shape == (16, 16, 1, 1)
+    assert unet.sanitize(raw)[key].shape == (16, 1, 1, 16)
+    assert unet.sanitize(raw)["conv_in.weight"].shape == (16, 3, 3, 4)
+
+
+def test_missing_and_wrong_keys_are_named(diffusers_unets):
+    folder, _, _ = diffusers_unets["three_levels_list_heads_linear"]
+    from lavit_mlx.weights import read_weights
+
+    config = json.loads((folder / "config.json").read_text())
+    weights = read_weights(folder / "diffusion_pytorch_model.safetensors")
+    model = UNet2DConditionModel(UNetConfig.from_dict(config))
+    key = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    partial = {k: v for k, v in model.sanitize(weights).items() if k != key}
+    with pytest.raises(CheckpointError, match="missing key 'mid_block.attentions.0.transformer_blocks"):
+        load_strict(model, partial, str(folder))
+    wrong = UNet2DConditionModel(UNetConfig.from_dict(dict(config, cross_attention_dim=8)))
+    with pytest.raises(CheckpointError, match="attn2.to_k.weight' has shape"):
+        load_strict(wrong, wrong.sanitize(weights), str(folder))
+
+
+def test_text_time_unet_requires_added_inputs(diffusers_unets):
+    folder, _, inputs = diffusers_unets["text_time_non_square"]
+    unet = load_unet(folder)
+    with pytest.raises(LaVITError, match="text_embeds and time_ids"):
+        unet(inputs["sample"], 10, inputs["context"])
+
+
+# ------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("key,value", [
+    ("class_embed_type", "timestep"),
+    ("time_cond_proj_dim", 256),
+    ("addition_embed_type", "text"),
+    ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+    ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("encoder_hid_dim_type", "text_proj"),
+    ("act_fn", "gelu"),
+    ("only_cross_attention", True),
+])
+def test_unsupported_config_value_is_named(key, value):
+    config = dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32)
+    config[key] = value
+    with pytest.raises(CheckpointError) as info:
+        UNetConfig.from_dict(config)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+    shown = value[0] if isinstance(value, list) else value
+    assert repr(shown) in message or str(shown).lower() in message
+
+
+def test_config_ignores_unknown_keys_and_reads_heads_quirk():
+    config = UNetConfig.from_dict({"_class_name": "UNet2DConditionModel", "some_future_key": 3,
+                                   "block_out_channels": [32, 64], "attention_head_dim": [2, 4],
+                                   "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                                   "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]})
+    # num_attention_heads is null: attention_head_dim counts heads (diffusers' quirk).
+    model = UNet2DConditionModel(config)
+    assert model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 2
+    assert model.up_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 2
+    assert model.mid_block.attentions[0].transformer_blocks[0].attn1.heads == 4
