@@ -135,6 +135,56 @@ def tokenize(
         typer.echo(" ".join(str(c) for c in r.codes.tolist()))
 
 
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="A released-layout folder, a lavit_train checkpoint, a Hugging Face repo id "
+                              "(e.g. rain1011/LaVIT-7B-v2), or (with --to torch) an MLX folder."),
+    out: Path = typer.Argument(..., help="Output folder (written atomically)."),
+    to: str = typer.Option("mlx", "--to", help="Target format: mlx or torch."),
+    dtype: str = typer.Option("float16", "--dtype", help="Weight dtype: float16, bfloat16 or float32."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", help="Quantize the LLM to 4 or 8 bits."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size (32, 64 or 128)."),
+    quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Also quantize the vision components to 8 bits."),
+    quantize_unet: bool = typer.Option(False, "--quantize-unet", help="Also quantize the UNets' linear layers to 8 bits."),
+    components: Optional[str] = typer.Option(
+        None, "--components",
+        help="Comma-separated subset: eva, tokenizer, understanding, lowres_decoder, highres_decoder, llm, "
+             "highres_pixel, lowres_pixel (default: all the source has). Text-to-image needs llm, "
+             "highres_decoder, highres_pixel.",
+    ),
+    vision_heads: Optional[int] = VisionHeadsOption,
+    safetensors: bool = typer.Option(False, "--safetensors", help="With --to torch: write the LLM as safetensors instead of .bin."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only once the new one is complete)."),
+):
+    """Convert a LaVIT checkpoint to the MLX folder format (or back to PyTorch)."""
+    from lavit_mlx.errors import LaVITError
+
+    progress_line = lambda name: _stderr().print(f"converting {name}", highlight=False)  # noqa: E731
+    if to == "torch":
+        from lavit_convert.to_torch import convert_to_torch
+
+        written = convert_to_torch(src, out, force=force, safetensors=safetensors, progress=progress_line)
+        typer.echo(f"wrote {out} (released PyTorch layout): {', '.join(written)}")
+        return
+    if to != "mlx":
+        raise LaVITError(f"--to {to!r}: expected mlx or torch")
+    from lavit_convert.hub import resolve_source
+    from lavit_convert.to_mlx import ALL_COMPONENTS, ConvertOptions, convert_to_mlx
+
+    chosen = [c.strip() for c in components.split(",") if c.strip()] if components else None
+    unknown = [c for c in chosen or [] if c not in ALL_COMPONENTS]
+    if unknown:
+        raise LaVITError(f"--components: unknown component {unknown[0]!r}; choose from {', '.join(ALL_COMPONENTS)}")
+    source = resolve_source(src, chosen or list(ALL_COMPONENTS))
+    options = ConvertOptions(components=chosen, dtype=dtype, quantize=quantize, group_size=group_size,
+                             quantize_vision=quantize_vision, quantize_unet=quantize_unet,
+                             vision_heads=vision_heads, force=force)
+    report = convert_to_mlx(source, out, options, progress=progress_line)
+    typer.echo(f"wrote {out} (MLX folder, {report.bytes_written / 2**30:.2f} GiB): {', '.join(report.components)}")
+    for component, layers in report.unquantized.items():
+        typer.echo(f"left unquantized in {component} (width not divisible by {group_size}): {', '.join(layers)}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `lavit` console script."""
     from lavit_mlx.runtime import ensure_fast_runtime

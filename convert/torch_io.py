@@ -85,3 +85,62 @@ def read_torch_file(path: Union[str, Path], keys=None):  # -> dict of mx.array |
     return out
 
 
+
+
+class LazyTensors:
+    """The tensors of one weight file, read one at a time.
+
+    `.bin` pickles are memory-mapped (zip format) and `.safetensors` opened with
+    `safe_open`, so converting a file tensor by tensor keeps memory near one tensor,
+    not the whole file.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"missing weight file {self.path}")
+        if self.path.suffix == ".safetensors":
+            require_torch()
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+            except Exception as exc:
+                raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from None
+            self.shapes = {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}
+            self._state = None
+        else:
+            torch = require_torch()
+            state = load_pickle(self.path)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            if isinstance(state, torch.Tensor):
+                state = {"": state}
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{self.path}: expected a state dict of tensors")
+            self._state = state
+            self.shapes = {k: tuple(v.shape) for k, v in state.items()}
+
+    def keys(self):
+        return list(self.shapes)
+
+    def get(self, key: str):
+        """One tensor as an mx.array in its stored dtype."""
+        tensor = self._handle.get_tensor(key) if self._state is None else self._state[key]
+        return tensor_to_mx(tensor)
+
+    def dtypes(self) -> set:
+        if self._state is not None:
+            return {str(v.dtype).replace("torch.", "") for v in self._state.values()}
+        return {str(self._handle.get_slice(k).get_dtype()).lower() for k in self.shapes}
+
+
+def mx_to_torch(array):
+    """An mx.array as a CPU torch tensor of the same dtype (bfloat16 included)."""
+    import mlx.core as mx
+    import numpy as np
+
+    torch = require_torch()
+    if array.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(array.view(mx.uint16)).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))

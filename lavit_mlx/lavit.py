@@ -202,9 +202,10 @@ class LaVIT:
             if "tokenizer" in self._components:
                 return self.tokenizer.quantize.embedding.weight
             key = "quantize.embedding.weight"
-            weights = self.checkpoint.weights("tokenizer", keys={key})
+            component = "codebook" if self.checkpoint.kind == "mlx" else "tokenizer"
+            weights = self.checkpoint.weights(component, keys={key})
             if key not in weights:
-                raise CheckpointError(f"{self.checkpoint.file('tokenizer')}: missing key {key!r}")
+                raise CheckpointError(f"{self.checkpoint.file(component)}: missing key {key!r}")
             return weights[key].astype(mx.float32)
 
         return self._get("codebook", build)

@@ -58,7 +58,10 @@ MLX_FORMAT = {
         "understanding": "understanding.safetensors",
         "lowres_decoder": "lowres_decoder.safetensors",
         "highres_decoder": "highres_decoder.safetensors",
+        "codebook": "codebook.safetensors",  # always written: text-to-image needs only this
     },
+    # UNet and VAE weights in MLX layout (convs OHWI) next to their diffusers config.json
+    "pixel_weights": "diffusion_mlx_model",
     # the quantization setting that applies to each component
     "quantization_group": {
         "eva": "vision", "tokenizer": "vision", "understanding": "vision",

@@ -1,0 +1,349 @@
+"""Released layout (or a `lavit_train` checkpoint, which uses the same layout) -> MLX folder.
+
+The MLX folder format is documented in docs/mlx-format.md. Conversion runs in two
+passes: every expected key and shape of every requested component is checked against
+the model definitions first (reading shapes only), then tensors are converted one at a
+time (cast, optionally quantized) and written in shards of at most 5 GB, so peak memory
+stays near one output shard rather than the whole model. Everything is written into a
+temporary folder that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from lavit_mlx.checkpoint import Checkpoint
+from lavit_mlx.config import EVAConfig, TokenizerConfig, TokenIds, VQDecoderConfig
+from lavit_mlx.errors import CheckpointError, LaVITError
+from lavit_mlx.layout import KNOWN_EXTRAS, MLX_FORMAT, RELEASE_FILES, RELEASE_FOLDERS
+from lavit_mlx.models.eva_vit import EVAVisionTransformer
+from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
+from lavit_mlx.models.vq_decoder import VQDecoder
+
+from .torch_io import LazyTensors
+from .writer import ShardWriter, copy_files, staged_folder, write_manifest
+
+VISION = ("eva", "tokenizer", "understanding", "lowres_decoder", "highres_decoder")
+FOLDERS = ("llm", "highres_pixel", "lowres_pixel")
+ALL_COMPONENTS = VISION + FOLDERS
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                   "generation_config.json")
+
+
+@dataclass
+class ConvertOptions:
+    components: Optional[List[str]] = None  # None: every component the source has
+    dtype: str = "float16"
+    quantize: Optional[int] = None  # LLM bits (4 or 8)
+    group_size: int = 64
+    quantize_vision: bool = False  # 8-bit
+    quantize_unet: bool = False  # 8-bit
+    vision_heads: Optional[int] = None
+    force: bool = False
+
+
+@dataclass
+class ConvertReport:
+    """What was written, for the CLI to print."""
+
+    components: List[str] = field(default_factory=list)
+    unquantized: Dict[str, List[str]] = field(default_factory=dict)  # layers left in float
+    bytes_written: int = 0
+
+
+@dataclass
+class _Plan:
+    """One component to convert: where its tensors come from, how each is mapped."""
+
+    name: str
+    module: nn.Module
+    sources: List[LazyTensors]
+    transform: Callable[[str, mx.array], mx.array] = lambda key, value: value
+    known_extra: Optional[Callable[[str], bool]] = None
+    quant_bits: Optional[int] = None
+    group_size: int = 64
+    quant_kinds: tuple = (nn.Linear,)
+
+
+def _check_keys(plan: _Plan) -> None:
+    """Every parameter present with its shape; no key that belongs nowhere."""
+    from mlx.utils import tree_flatten
+
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(plan.module.parameters())}
+    found = {}
+    for source in plan.sources:
+        for key, shape in source.shapes.items():
+            found[key] = (shape, source.path)
+    where = ", ".join(str(s.path) for s in plan.sources)
+    for key, shape in expected.items():
+        if key not in found:
+            raise CheckpointError(f"{where}: missing key {key!r}")
+        got = tuple(plan.transform(key, mx.zeros(found[key][0], mx.int8)).shape) if len(found[key][0]) == 4 else found[key][0]
+        if got != shape:
+            raise CheckpointError(f"{found[key][1]}: key {key!r} has shape {found[key][0]}, the model expects {shape}")
+    for key, (_, path) in found.items():
+        if key not in expected and not (plan.known_extra and plan.known_extra(key)):
+            raise CheckpointError(f"{path}: unexpected key {key!r} belongs to no known component")
+
+
+def _quantizable(module: nn.Module, group_size: int, kinds=(nn.Linear,)) -> tuple:
+    """(paths quantized, paths left in float) among the module's Linear/Embedding layers."""
+    chosen, skipped = [], []
+    for path, layer in module.named_modules():
+        if isinstance(layer, kinds) and path:
+            (chosen if layer.weight.shape[-1] % group_size == 0 else skipped).append(path)
+    return chosen, skipped
+
+
+def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: ConvertReport):
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(plan.module.parameters()))
+    group_size = plan.group_size
+    quantized = set()
+    if plan.quant_bits:
+        chosen, skipped = _quantizable(plan.module, group_size, plan.quant_kinds)
+        quantized = {f"{p}.weight" for p in chosen}
+        if skipped:
+            report.unquantized[plan.name] = skipped
+    written = set()
+    # later sources override earlier ones (visual_weight.bin over tokenizer_encoder.bin)
+    for source in reversed(plan.sources):
+        for key in source.keys():
+            if key not in expected or key in written:
+                continue
+            value = plan.transform(key, source.get(key))
+            if mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(dtype)
+            if key in quantized:
+                stem = key[: -len(".weight")]
+                wq, scales, biases = mx.quantize(value, group_size=group_size, bits=plan.quant_bits)
+                mx.eval(wq, scales, biases)
+                writer.add_group({f"{stem}.weight": wq, f"{stem}.scales": scales, f"{stem}.biases": biases})
+            else:
+                mx.eval(value)
+                writer.add(key, value)
+            written.add(key)
+
+
+def _vision_plan(ckpt: Checkpoint, name: str, heads: int, llm_hidden: int, bits: Optional[int]) -> tuple:
+    """(_Plan, config dict) for a vision component of a release-layout checkpoint."""
+    if name == "understanding":
+        sources = [LazyTensors(ckpt.file("tokenizer")), LazyTensors(ckpt.file("understanding"))]
+        shapes = {}
+        for source in sources:
+            shapes.update(source.shapes)
+        config = TokenizerConfig.from_shapes(shapes, heads)
+        module = DynamicVisualTokenizer(config, quantizer=False, llm_hidden=llm_hidden)
+        tokenizer_keys = set(sources[0].shapes)
+        # visual_weight.bin's extras (other tokenizer parts) are known; from the tokenizer
+        # file only the selector is used.
+        extra = lambda k: k in tokenizer_keys or KNOWN_EXTRAS["understanding"](k)  # noqa: E731
+        return _Plan(name, module, sources, known_extra=extra, quant_bits=bits), config
+    source = LazyTensors(ckpt.file(name))
+    if name == "eva":
+        config = EVAConfig.from_shapes(source.shapes, heads)
+        module = EVAVisionTransformer(config)
+        transform = lambda key, value: EVAVisionTransformer.sanitize({key: value})[key]  # noqa: E731
+        return _Plan(name, module, [source], transform=transform, quant_bits=bits), config
+    if name == "tokenizer":
+        config = TokenizerConfig.from_shapes(source.shapes, heads)
+        module = DynamicVisualTokenizer(config, quantizer=True)
+        return _Plan(name, module, [source], known_extra=KNOWN_EXTRAS["tokenizer"], quant_bits=bits), config
+    config = VQDecoderConfig.from_shapes(source.shapes, heads)
+    return _Plan(name, VQDecoder(config), [source], quant_bits=bits), config
+
+
+def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
+                   progress: Optional[Callable[[str], None]] = None) -> ConvertReport:
+    """Convert a released-layout checkpoint folder to the MLX folder format.
+
+    Args:
+        src: a folder in the released layout (or a `lavit_train` checkpoint).
+        out: the output folder; must not exist unless `options.force`.
+        options: components, dtype, quantization, head count.
+        progress: called with a component name as each one starts.
+
+    Returns:
+        A `ConvertReport`.
+    """
+    if options.dtype not in DTYPES:
+        raise LaVITError(f"--dtype {options.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if options.quantize not in (None, 4, 8):
+        raise LaVITError(f"--quantize {options.quantize}: expected 4 or 8")
+    if options.group_size not in (32, 64, 128):
+        raise LaVITError(f"--group-size {options.group_size}: expected 32, 64 or 128")
+    ckpt = Checkpoint.open(src)
+    if ckpt.kind != "release":
+        raise LaVITError(f"{src} is already an MLX folder (use --to torch to go back)")
+    heads = options.vision_heads or 16
+    requested = options.components or [c for c in ALL_COMPONENTS if ckpt.has(c)]
+    unknown = [c for c in requested if c not in ALL_COMPONENTS]
+    if unknown:
+        raise LaVITError(f"unknown component {unknown[0]!r}; choose from {', '.join(ALL_COMPONENTS)}")
+    for component in requested:
+        if component in VISION:
+            ckpt.file(component)
+        else:
+            ckpt.folder(component)
+    if any(c in requested for c in ("lowres_decoder", "highres_decoder")) or "tokenizer" in requested:
+        ckpt.file("tokenizer")  # the codebook is always written
+    dtype = DTYPES[options.dtype]
+
+    llm_config = {}
+    if (ckpt.path / "language_model" / "config.json").is_file():
+        llm_config = json.loads((ckpt.path / "language_model" / "config.json").read_text())
+    llm_hidden = int(llm_config.get("hidden_size", 4096))
+    vision_bits = 8 if options.quantize_vision else None
+
+    # Pass 1: check everything before writing anything.
+    plans, configs = [], {}
+    for component in (c for c in requested if c in VISION):
+        plan, config = _vision_plan(ckpt, component, heads, llm_hidden, vision_bits)
+        _check_keys(plan)
+        plans.append(plan)
+        configs[component] = config
+    llm_plan = _llm_plan(ckpt, options) if "llm" in requested else None
+    pixel_plans = {c: _pixel_plans(ckpt, c, options.quantize_unet) for c in requested if c in ("highres_pixel", "lowres_pixel")}
+
+    report = ConvertReport(components=list(requested))
+    with staged_folder(Path(out), options.force) as staging:
+        for plan in plans:
+            if progress:
+                progress(plan.name)
+            writer = ShardWriter(staging, Path(MLX_FORMAT["files"][plan.name]).stem)
+            _write_plan(plan, writer, dtype, report)
+            writer.close()
+        codebook_key = "quantize.embedding.weight"
+        codebook = LazyTensors(ckpt.file("tokenizer")).get(codebook_key)
+        mx.save_safetensors(str(staging / MLX_FORMAT["files"]["codebook"]), {codebook_key: codebook.astype(mx.float32)})
+        if llm_plan is not None:
+            if progress:
+                progress("llm")
+            _write_llm(llm_plan, staging / RELEASE_FOLDERS["llm"], dtype, options, report)
+        for component, parts in pixel_plans.items():
+            if progress:
+                progress(component)
+            _write_pixel(ckpt, component, parts, staging / RELEASE_FOLDERS[component], dtype, report)
+        token_ids = TokenIds.for_vocab(int(llm_config["vocab_size"])) if "vocab_size" in llm_config else TokenIds()
+        top = {
+            "format": MLX_FORMAT["name"],
+            "format_version": MLX_FORMAT["version"],
+            "dtype": options.dtype,
+            "vision_heads": heads,
+            "llm_hidden": llm_hidden,
+            "components": list(requested),
+            "token_ids": token_ids.to_dict(),
+            "quantization": {
+                "llm": {"bits": options.quantize, "group_size": options.group_size} if options.quantize and llm_plan else None,
+                "vision": {"bits": 8, "group_size": 64} if vision_bits else None,
+                "unet": {"bits": 8, "group_size": 64} if options.quantize_unet and pixel_plans else None,
+            },
+            "unquantized_layers": report.unquantized,
+            "source": str(ckpt.path),
+        }
+        for component in ("eva", "lowres_decoder", "highres_decoder"):
+            if component in configs:
+                top[component] = configs[component].to_dict()
+        tokenizer_config = configs.get("tokenizer") or configs.get("understanding")
+        if tokenizer_config is not None:
+            top["tokenizer"] = tokenizer_config.to_dict()
+        (staging / "config.json").write_text(json.dumps(top, indent=2))
+        write_manifest(staging, MLX_FORMAT["manifest"])
+        report.bytes_written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+    return report
+
+
+def _llm_plan(ckpt: Checkpoint, options: ConvertOptions) -> tuple:
+    """(_Plan, config) for the LLaMA of `language_model/`, checked against mlx-lm's model."""
+    from mlx_lm.models import llama
+
+    folder = ckpt.folder("llm")
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("tie_word_embeddings", False)  # transformers' LLaMA default
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    files = []
+    for index_name in ("pytorch_model.bin.index.json", "model.safetensors.index.json"):
+        if (folder / index_name).is_file():
+            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            break
+    if not files:
+        files = [n for n in ("pytorch_model.bin", "model.safetensors") if (folder / n).is_file()]
+    if not files:
+        raise CheckpointError(f"{folder}: no LLaMA weights (pytorch_model*.bin or model*.safetensors)")
+    sources = [LazyTensors(folder / name) for name in files]
+    plan = _Plan("llm", model, sources, known_extra=KNOWN_EXTRAS["llm"], quant_bits=options.quantize,
+                 group_size=options.group_size, quant_kinds=(nn.Linear, nn.Embedding))
+    _check_keys(plan)
+    return plan, config
+
+
+def _write_llm(llm: tuple, folder: Path, dtype: mx.Dtype, options: ConvertOptions, report: ConvertReport):
+    """An mlx-lm model folder: `mlx_lm.load(folder)` loads it."""
+    plan, config = llm
+    folder.mkdir(parents=True)
+    writer = ShardWriter(folder, "model")
+    _write_plan(plan, writer, dtype, report)
+    writer.close()
+    config = dict(config)
+    config["torch_dtype"] = options.dtype
+    if options.quantize:
+        config["quantization"] = {"group_size": options.group_size, "bits": options.quantize}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    source = plan.sources[0].path.parent
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
+def _pixel_plans(ckpt: Checkpoint, component: str, quantize: bool) -> dict:
+    """{"unet": _Plan, "vae": _Plan} of a diffusers pixel-decoding folder, checked."""
+    from lavit_mlx.models.unet import UNet2DConditionModel, UNetConfig
+    from lavit_mlx.models.vae import AutoencoderKL, VAEConfig
+
+    folder = ckpt.folder(component)
+    plans = {}
+    for sub, (config_cls, model_cls) in {"unet": (UNetConfig, UNet2DConditionModel),
+                                         "vae": (VAEConfig, AutoencoderKL)}.items():
+        config_path = folder / sub / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{folder / sub}: no config.json")
+        model = model_cls(config_cls.from_dict(json.loads(config_path.read_text())))
+        weights = [folder / sub / f"diffusion_pytorch_model{s}" for s in (".safetensors", ".bin")]
+        found = [w for w in weights if w.is_file()]
+        if not found:
+            raise CheckpointError(f"{folder / sub}: no diffusion_pytorch_model.safetensors or .bin")
+        transform = lambda key, value, model=model: model.sanitize({key: value}, "torch")[key]  # noqa: E731
+        plan = _Plan(f"{component}/{sub}", model, [LazyTensors(found[0])], transform=transform,
+                     quant_bits=8 if quantize and sub == "unet" else None)
+        _check_keys(plan)
+        plans[sub] = plan
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        raise CheckpointError(f"{folder}: no scheduler/scheduler_config.json")
+    if component == "lowres_pixel" and not (folder / "uncond_embeddings.bin").is_file():
+        raise CheckpointError(f"{folder}: no uncond_embeddings.bin")
+    return plans
+
+
+def _write_pixel(ckpt: Checkpoint, component: str, plans: dict, folder: Path, dtype: mx.Dtype,
+                 report: ConvertReport):
+    source = ckpt.folder(component)
+    for sub, plan in plans.items():
+        (folder / sub).mkdir(parents=True)
+        shutil.copyfile(source / sub / "config.json", folder / sub / "config.json")
+        writer = ShardWriter(folder / sub, MLX_FORMAT["pixel_weights"])
+        _write_plan(plan, writer, dtype, report)
+        writer.close()
+    copy_files(source / "scheduler", folder / "scheduler")
+    if component == "lowres_pixel":
+        uncond = LazyTensors(source / "uncond_embeddings.bin").get("")
+        mx.save_safetensors(str(folder / "uncond_embeddings.safetensors"), {"uncond_embeddings": uncond})
