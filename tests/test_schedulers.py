@@ -66,7 +66,8 @@ def variants():
         ("dpm++2m", {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, 6),
         ("dpm++2m", {"euler_at_final": True, "final_sigmas_type": "sigma_min", "steps_offset": 0}, 16),
         ("dpm++2m", {"solver_type": "heun", "prediction_type": "sample"}, 7),
-        ("dpm++2m", {"solver_order": 1, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, 6),
+        ("dpm++2m", {"solver_order": 1, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1,
+                     "timestep_spacing": "linspace"}, 6),  # the top 4 timesteps clipped
     ]
     return [pytest.param(name, overrides, steps, id=f"{name}-{i}") for i, (name, overrides, steps) in enumerate(cases)]
 
