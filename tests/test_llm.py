@@ -30,7 +30,7 @@ def relative_error(ours: mx.array, ref: mx.array) -> float:
 
 
 @lru_cache(maxsize=None)
-def tiny_llama(folder: str, intermediate: int = 96):
+def tiny_llama(folder: str, intermediate: int = 96, eos_lean: float = 7.0, image_end_lean: float = 4.0):
     """A random transformers LlamaForCausalLM (hidden 64, 2 layers, vocab 98) saved as model.safetensors.
 
     Weights are scaled up so that next-token distributions are peaked (no near-ties
@@ -51,8 +51,12 @@ def tiny_llama(folder: str, intermediate: int = 96):
         for name, p in model.named_parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.5 if name == "lm_head.weight" else 0.15)
-        model.lm_head.weight[TINY_IDS.eos] += 0.3  # text ends now and then
-        model.lm_head.weight[TINY_IDS.image_end] += 0.6  # and so do images
+        # Lean eos and [/IMG] towards the mean final hidden state, so that sequences end now and then.
+        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 12, 64)).astype(np.float32))
+        mean = model.model(inputs_embeds=probe).last_hidden_state.mean((0, 1))
+        mean = mean / mean.norm()
+        model.lm_head.weight[TINY_IDS.eos] += eos_lean * mean
+        model.lm_head.weight[TINY_IDS.image_end] += image_end_lean * mean
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
