@@ -84,6 +84,7 @@ def _root(
 def info(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Also describe this checkpoint folder."),
     vision_heads: Optional[int] = VisionHeadsOption,
+    verify: bool = typer.Option(False, "--verify", help="Check the MLX folder's files against its manifest checksums."),
 ):
     """Print versions, the MLX device and which BLAS MLX uses."""
     from lavit_mlx.runtime import describe_runtime
@@ -95,6 +96,15 @@ def info(
         lavit = _open_model(model, vision_heads)
         for key, value in lavit.describe().items():
             typer.echo(f"{key:<12} {value}")
+        if verify:
+            from lavit_mlx.errors import LaVITError
+
+            if lavit.checkpoint.kind != "mlx":
+                raise LaVITError("--verify needs an MLX folder (the released layout has no manifest)")
+            problems = list(lavit.checkpoint.verify())
+            if problems:
+                raise LaVITError(f"{len(problems)} file(s) differ from the manifest, first: {problems[0][0]} ({problems[0][1]})")
+            typer.echo("manifest     all files match their checksums")
     for warning in warnings:
         _stderr().print(f"[yellow]warning:[/] {warning}", highlight=False)
 

@@ -58,7 +58,8 @@ def resolve_source(src: str, components: Iterable[str]) -> Path:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        folder = snapshot_download(src, allow_patterns=allow_patterns(components), local_files_only=offline)
+        folder = snapshot_download(src, allow_patterns=allow_patterns(components), local_files_only=offline,
+                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except RepositoryNotFoundError:
         raise LaVITError(f"{src}: no such repository on the Hugging Face Hub (or it is private)") from None
     except GatedRepoError:

@@ -47,7 +47,7 @@ def load_pickle(path: Union[str, Path]):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
         if found:
             raise CheckpointError(
                 f"{path}: refused to unpickle: the file holds a Python object ({found.group(1)}), "

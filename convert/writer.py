@@ -8,17 +8,17 @@ new one is complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Tuple
+from typing import Dict, Iterator
 
 import mlx.core as mx
 
+from lavit_mlx.checkpoint import sha256
 from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import MAX_SHARD_BYTES
 
@@ -122,14 +122,6 @@ class ShardWriter:
         return names + [index_name]
 
 
-def sha256(path: Path, chunk: int = 16 * 2**20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, name: str = "manifest.json") -> Path:
     """A sha256 and size of every file in `folder` (except the manifest itself)."""
     folder = Path(folder)
@@ -139,18 +131,6 @@ def write_manifest(folder: Path, name: str = "manifest.json") -> Path:
     manifest = folder / name
     manifest.write_text(json.dumps({"files": files}, indent=2))
     return manifest
-
-
-def verify_manifest(folder: Path, name: str = "manifest.json") -> Iterable[Tuple[str, str]]:
-    """(file, problem) for each file that is missing or differs from the manifest."""
-    folder = Path(folder)
-    manifest = json.loads((folder / name).read_text())
-    for relative, entry in manifest["files"].items():
-        path = folder / relative
-        if not path.is_file():
-            yield relative, "missing"
-        elif path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
-            yield relative, "checksum mismatch"
 
 
 def copy_files(src: Path, dst: Path) -> None:

@@ -20,13 +20,22 @@ This module only names files and reads them; building modules is `lavit.py`'s jo
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 from .errors import CheckpointError
 from .layout import KNOWN_EXTRAS, MLX_FORMAT, PURPOSE, RELEASE_FILES, RELEASE_FOLDERS
 from .weights import Weights, read_sharded, read_weights
+
+
+def sha256(path: Path, chunk: int = 16 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class Checkpoint:
@@ -171,6 +180,20 @@ class MLXCheckpoint(Checkpoint):
 
     def understanding_weights(self) -> Weights:
         return self.weights("understanding")  # stored merged by lavit convert
+
+    def verify(self) -> Iterator[Tuple[str, str]]:
+        """(file, problem) for every file missing or changed since conversion."""
+        manifest_path = self.path / MLX_FORMAT["manifest"]
+        if not manifest_path.is_file():
+            yield MLX_FORMAT["manifest"], "missing"
+            return
+        manifest = json.loads(manifest_path.read_text())
+        for relative, entry in manifest["files"].items():
+            path = self.path / relative
+            if not path.is_file():
+                yield relative, "missing"
+            elif path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+                yield relative, "checksum mismatch"
 
     def quantization(self, component: str) -> Optional[dict]:
         return (self.config.get("quantization") or {}).get(MLX_FORMAT["quantization_group"].get(component, component))
