@@ -71,6 +71,7 @@ class _Plan:
     quant_bits: Optional[int] = None
     group_size: int = 64
     quant_kinds: tuple = (nn.Linear,)
+    shard_per_source: bool = False  # one output shard per input shard (bounds peak memory)
 
 
 def _check_keys(plan: _Plan) -> None:
@@ -132,6 +133,9 @@ def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: Conve
                 mx.eval(value)
                 writer.add(key, value)
             written.add(key)
+        if plan.shard_per_source:
+            writer.flush()
+            source.close()
 
 
 def _vision_plan(ckpt: Checkpoint, name: str, heads: int, llm_hidden: int, bits: Optional[int]) -> tuple:
@@ -282,7 +286,7 @@ def _llm_plan(ckpt: Checkpoint, options: ConvertOptions) -> tuple:
         raise CheckpointError(f"{folder}: no LLaMA weights (pytorch_model*.bin or model*.safetensors)")
     sources = [LazyTensors(folder / name) for name in files]
     plan = _Plan("llm", model, sources, known_extra=KNOWN_EXTRAS["llm"], quant_bits=options.quantize,
-                 group_size=options.group_size, quant_kinds=(nn.Linear, nn.Embedding))
+                 group_size=options.group_size, quant_kinds=(nn.Linear, nn.Embedding), shard_per_source=True)
     _check_keys(plan)
     return plan, config
 

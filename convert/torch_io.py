@@ -118,7 +118,7 @@ class LazyTensors:
                 state = {"": state}
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise CheckpointError(f"{self.path}: expected a state dict of tensors")
-            self._state = state
+            self._state, self._handle = state, None
             self.shapes = {k: tuple(v.shape) for k, v in state.items()}
 
     def keys(self):
@@ -128,6 +128,11 @@ class LazyTensors:
         """One tensor as an mx.array in its stored dtype."""
         tensor = self._handle.get_tensor(key) if self._state is None else self._state[key]
         return tensor_to_mx(tensor)
+
+    def close(self) -> None:
+        """Drop the mapping (its pages stop counting towards this process's memory)."""
+        self._state = None
+        self._handle = None
 
     def dtypes(self) -> set:
         if self._state is not None:

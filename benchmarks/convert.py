@@ -1,0 +1,101 @@
+"""Peak memory of `lavit convert` on a synthetic multi-GB checkpoint.
+
+    python benchmarks/convert.py [--hidden 3072] [--layers 16] [--shards 4]
+
+Writes a random LLaMA-shaped `language_model/` in the released layout (bfloat16 pickles
+in several shards, vocab 48386) plus the small vision files, converts it with
+`lavit convert --components llm` (float16, and 4-bit), and reports the peak resident
+memory of the conversion process next to the checkpoint and largest-shard sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def write_llm(folder: Path, hidden: int, layers: int, shards: int, vocab: int = 48386) -> tuple:
+    folder.mkdir(parents=True)
+    intermediate = int(hidden * 8 / 3) // 256 * 256
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, intermediate)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    keys = list(shapes)
+    per_shard = -(-len(keys) // shards)
+    weight_map, sizes = {}, []
+    generator = torch.Generator().manual_seed(0)
+    for s in range(shards):
+        name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+        part = {k: (torch.randn(shapes[k], generator=generator) * 0.02).to(torch.bfloat16)
+                for k in keys[s * per_shard:(s + 1) * per_shard]}
+        torch.save(part, folder / name)
+        sizes.append((folder / name).stat().st_size)
+        weight_map.update({k: name for k in part})
+        del part
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
+              "num_hidden_layers": layers, "num_attention_heads": hidden // 128, "num_key_value_heads": hidden // 128,
+              "rms_norm_eps": 1e-5, "vocab_size": vocab, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    return sum(sizes), max(sizes)
+
+
+MEASURE = (
+    "import resource, subprocess, sys; "
+    "code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+)
+
+
+def peak_rss_of(cmd) -> tuple:
+    """(peak resident bytes, seconds) of `cmd`, measured by a fresh parent of its own."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    return int(proc.stdout.strip().splitlines()[-1]) * 1024, seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=3072)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--shards", type=int, default=4)
+    args = parser.parse_args()
+    gib = 2**30
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
+        src = Path(tmp) / "release"
+        total, largest = write_llm(src / "language_model", args.hidden, args.layers, args.shards)
+        (src / "visual_tokenizer").mkdir()
+        torch.save({"quantize.embedding.weight": torch.randn(16384, 32)}, src / "visual_tokenizer" / "tokenizer_encoder.bin")
+        print(f"synthetic checkpoint: {total / gib:.2f} GiB of bfloat16 in {args.shards} shards, largest {largest / gib:.2f} GiB")
+        print("| conversion | peak RSS | seconds |")
+        print("|---|---:|---:|")
+        for label, extra in (("float16", []), ("4-bit", ["--quantize", "4"])):
+            out = Path(tmp) / f"out-{label}"
+            # each run is its own child process: its ru_maxrss is the peak of that run
+            cmd = [sys.executable, "-c", "import sys; from lavit_cli.cli import main; main(sys.argv[1:])",
+                   "convert", str(src), str(out), "--components", "llm", *extra]
+            rss, seconds = peak_rss_of(cmd)
+            print(f"| {label} | {rss / gib:.2f} GiB | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
