@@ -66,9 +66,12 @@ class LaVIT:
     Use `lavit_mlx.load(path)` to create one.
     """
 
-    def __init__(self, checkpoint: Checkpoint, vision_heads: int = RELEASE_VISION_HEADS):
+    def __init__(self, checkpoint: Checkpoint, vision_heads: int = RELEASE_VISION_HEADS,
+                 quantize: Optional[int] = None, group_size: int = 64):
         self.checkpoint = checkpoint
         self.config = LaVITConfig(vision_heads=vision_heads)
+        self.quantize = quantize  # LLM bits applied at load time (4 or 8), None for none
+        self.group_size = group_size
         self._components: dict = {}
         llm_config = checkpoint.path / "language_model" / "config.json"
         if llm_config.is_file():
@@ -170,6 +173,56 @@ class LaVIT:
 
         return self._get("understanding", build)
 
+    # ----------------------------------------------------------------- language model
+    @property
+    def llm(self):
+        """The LLaMA (`models.llm.LanguageModel`), quantized at load when `quantize` is set."""
+        from .models.llm import load_language_model, load_mlx_language_model
+
+        def build():
+            folder = self.checkpoint.folder("llm")
+            if self.checkpoint.kind == "mlx":
+                return load_mlx_language_model(folder, quantize=self.quantize, group_size=self.group_size,
+                                               token_ids=self.token_ids)
+            return load_language_model(folder, quantize=self.quantize, group_size=self.group_size,
+                                       token_ids=self.token_ids)
+
+        return self._get("llm", build)
+
+    @property
+    def text_tokenizer(self):
+        """The sentencepiece text tokenizer of `language_model/` (no special tokens added)."""
+        from .models.llm import TextTokenizer
+
+        return self._get("text_tokenizer", lambda: TextTokenizer.from_folder(
+            self.checkpoint.folder("llm"), self.token_ids))
+
+    def llm_logits(self, input_ids=None, inputs_embeds=None) -> mx.array:
+        """Logits (B, T, vocab) of unpadded id or embedding sequences (no cache)."""
+        if input_ids is not None:
+            return self.llm(input_ids=mx.array(np.asarray(input_ids)))
+        return self.llm(inputs_embeds=mx.array(inputs_embeds) if not isinstance(inputs_embeds, mx.array) else inputs_embeds)
+
+    def understanding_input_embeds(self, visual_embeds: Sequence[mx.array], prompt_ids: Sequence[int] = ()) -> mx.array:
+        """[IMG], the image's continuous visual embeddings, [/IMG], then the prompt's token
+        embeddings (reference section 4, "Caption"), for each image: (B, T, hidden) if the
+        rows have equal lengths, else a list of (T_i, hidden)."""
+        rows = self.understanding_rows(visual_embeds, [list(prompt_ids)] * len(visual_embeds))
+        lengths = {int(r.shape[0]) for r in rows}
+        return mx.stack(rows) if len(lengths) == 1 else rows
+
+    def understanding_rows(self, visual_embeds: Sequence[mx.array], prompts: Sequence[Sequence[int]]) -> List[mx.array]:
+        ids = self.token_ids
+        lm = self.llm
+        special = lm.embed(mx.array([ids.image_start, ids.image_end]))  # (2, hidden)
+        rows = []
+        for visual, prompt in zip(visual_embeds, prompts):
+            parts = [special[:1], visual.astype(special.dtype), special[1:]]
+            if len(prompt):
+                parts.append(lm.embed(mx.array(list(prompt))))
+            rows.append(mx.concatenate(parts))
+        return rows
+
     def describe(self) -> dict:
         """What the checkpoint holds, for `lavit info --model`."""
         from .checkpoint import PURPOSE
@@ -248,6 +301,55 @@ class LaVIT:
             return decoder(rows)
         except ValueError as exc:
             raise LaVITError(str(exc)) from None
+
+    def _diffusers_model(self, component: str, sub: str):
+        """The UNet or VAE of a pixel-decoding folder (diffusers layout, or MLX layout in an MLX folder)."""
+        from .layout import MLX_FORMAT
+        from .models.unet import UNet2DConditionModel, UNetConfig, read_diffusers_folder
+        from .models.vae import AutoencoderKL, VAEConfig
+        from .weights import read_sharded
+
+        folder = self.checkpoint.folder(component) / sub
+        model_cls, config_cls = (UNet2DConditionModel, UNetConfig) if sub == "unet" else (AutoencoderKL, VAEConfig)
+        if self.checkpoint.kind == "mlx":
+            config = json.loads((folder / "config.json").read_text())
+            weights = read_sharded(folder / f"{MLX_FORMAT['pixel_weights']}.safetensors")
+            layout = "mlx"
+        else:
+            config, weights = read_diffusers_folder(folder, sub.upper())
+            layout = "torch"
+        model = model_cls(config_cls.from_dict(config))
+        weights = model.sanitize(weights, layout)
+        quantization = self.checkpoint.quantization(component)
+        if quantization:
+            nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                        class_predicate=lambda path, module: f"{path}.scales" in weights)
+        return load_strict(model, weights, str(folder))
+
+    def pixel_decoder(self, highres: bool = True):
+        """The high-res (SDXL-shaped, default) or low-res (SD-1.5-shaped) pixel decoder."""
+        from .pixel_decoder import PixelDecoder
+        from .weights import read_tensor
+
+        component = "highres_pixel" if highres else "lowres_pixel"
+
+        def build():
+            folder = self.checkpoint.folder(component)
+            config_path = folder / "scheduler" / "scheduler_config.json"
+            if not config_path.is_file():
+                raise CheckpointError(f"checkpoint {self.checkpoint.path} is missing {config_path.relative_to(self.checkpoint.path)}")
+            try:
+                scheduler_config = json.loads(config_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+            uncond = None
+            if not highres:
+                name = "uncond_embeddings.safetensors" if self.checkpoint.kind == "mlx" else "uncond_embeddings.bin"
+                uncond = read_tensor(folder / name).astype(mx.float32)
+            return PixelDecoder(self._diffusers_model(component, "unet"), self._diffusers_model(component, "vae"),
+                                scheduler_config, highres, uncond)
+
+        return self._get(component, build)
 
     def decoder_config(self, highres: bool = True) -> VQDecoderConfig:
         """Sizes of a VQ decoder (without building it)."""
@@ -336,7 +438,7 @@ class LaVIT:
         return results
 
 
-def load(path, vision_heads: Optional[int] = None) -> LaVIT:
+def load(path, vision_heads: Optional[int] = None, quantize: Optional[int] = None, group_size: int = 64) -> LaVIT:
     """Open a LaVIT checkpoint folder.
 
     Args:
@@ -344,6 +446,8 @@ def load(path, vision_heads: Optional[int] = None) -> LaVIT:
             folder format written by `lavit convert`.
         vision_heads: attention heads of the ViT, merger and VQ decoders (16 in the
             release; tensor shapes cannot reveal it).
+        quantize: quantize the LLM to 4 or 8 bits when it loads (group size
+            `group_size`; embeddings and lm_head too).
 
     Returns:
         A `LaVIT` whose components load on first use.
@@ -357,4 +461,7 @@ def load(path, vision_heads: Optional[int] = None) -> LaVIT:
         raise CheckpointError(
             f"{checkpoint.path} was converted with vision heads {stored}; --vision-heads {vision_heads} contradicts it"
         )
-    return LaVIT(checkpoint, vision_heads=vision_heads or stored or RELEASE_VISION_HEADS)
+    if quantize not in (None, 4, 8):
+        raise LaVITError(f"--quantize {quantize}: expected 4 or 8")
+    return LaVIT(checkpoint, vision_heads=vision_heads or stored or RELEASE_VISION_HEADS,
+                 quantize=quantize, group_size=group_size)

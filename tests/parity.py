@@ -106,7 +106,7 @@ class Fixture:
         self.need("lavit_mlx.models.vq_decoder")
         low = self.model.decode_codes([self.codes], highres=False)
         high = self.model.decode_codes([self.codes], highres=True)
-        return np.array(low[0]), np.array(high[0]), np.array(high[1])
+        return np.array(low), np.array(high[0]), np.array(high[1])
 
     def pixel_decoder(self, highres: bool):
         self.need("lavit_mlx.models.unet")

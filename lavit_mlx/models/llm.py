@@ -440,3 +440,41 @@ class TextTokenizer:
 
     def batch_decode(self, rows: Iterable[Iterable[int]]) -> List[str]:
         return [self.decode(r) for r in rows]
+
+
+def load_mlx_language_model(
+    folder,
+    dtype: Optional[mx.Dtype] = mx.float32,
+    quantize: Optional[int] = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    token_ids: Optional[TokenIds] = None,
+) -> LanguageModel:
+    """Load the mlx-lm `language_model/` folder of an MLX checkpoint (`lavit convert`).
+
+    Layers stored quantized (a `.scales` next to their weight, `config.json`'s
+    "quantization") are rebuilt quantized; `quantize` then only applies to an
+    unquantized folder.
+    """
+    from ..weights import load_strict, read_sharded
+
+    folder = Path(folder)
+    config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
+    if config is None:
+        raise CheckpointError(f"{folder}: missing {CONFIG_FILE} (the LLaMA configuration)")
+    args = llama_args(config)
+    model = LlamaModel(args)
+    weights = read_sharded(folder / SINGLE_FILES[0])
+    stored = config.get("quantization")
+    report = None
+    if stored:
+        if quantize and quantize != stored["bits"]:
+            raise LaVITError(f"{folder} is stored {stored['bits']}-bit; convert again to use --quantize {quantize}")
+        nn.quantize(model, group_size=stored["group_size"], bits=stored["bits"],
+                    class_predicate=lambda path, module: f"{path}.scales" in weights)
+    load_strict(model, weights, str(folder), dtype=dtype)
+    del weights
+    if quantize and not stored:
+        report = quantize_model(model, quantize, group_size, dtype)
+    if token_ids is None:
+        token_ids = TokenIds.for_vocab(args.vocab_size)
+    return LanguageModel(model, token_ids, str(folder), report)

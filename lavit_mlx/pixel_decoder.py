@@ -1,0 +1,175 @@
+"""LaVIT's pixel decoders: VQ-decoder conditioning -> guided UNet denoising -> VAE -> pixels.
+
+Follows the official `lavit_for_generation.py` (`generate_image` for the high-res
+SDXL-shaped decoder, `pixel_decoding_origin` for the low-res SD-1.5-shaped one) and
+`image_detokenize.py`, with LAVIT_REFERENCE.md section 4:
+
+- high-res: negative conditioning is zeros (prompt embeddings and pooled), `time_ids`
+  = (height, width, 0, 0, height, width), guidance 7.0, DDIM 25 steps;
+- low-res: negative conditioning is `uncond_embeddings` padded with zeros to the token
+  length, with its own attention mask (the positive one attends everywhere),
+  guidance 5.0, DDIM 50 steps, 512x512;
+- both branches run in one batch (`uncond + g * (cond - uncond)`), latents start as
+  N(0, 1) * init_noise_sigma, decode with `latents / scaling_factor`, image =
+  clamp(x / 2 + 0.5).
+
+`denoise` is a generator that yields after every step; the caller owns progress bars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import LaVITError
+from .models.unet import UNet2DConditionModel
+from .models.vae import AutoencoderKL
+from .schedulers import Scheduler, make_scheduler
+
+
+@dataclass
+class DecodingDefaults:
+    """The release's settings of one pixel decoder (reference section 4)."""
+
+    size: Tuple[int, int]  # (height, width)
+    steps: int
+    guidance: float
+
+
+HIGHRES_DEFAULTS = DecodingDefaults(size=(1024, 1024), steps=25, guidance=7.0)
+LOWRES_DEFAULTS = DecodingDefaults(size=(512, 512), steps=50, guidance=5.0)
+
+# The release's six aspect ratios of the high-res decoder, as (height, width).
+ASPECT_RATIOS = {
+    "1:1": (1024, 1024),
+    "4:3": (896, 1152),
+    "3:2": (832, 1216),
+    "16:9": (768, 1344),
+    "2:3": (1216, 832),
+    "3:4": (1152, 896),
+}
+
+
+class PixelDecoder:
+    """One of the two pixel decoders: UNet, VAE, scheduler config (and the low-res
+    decoder's unconditional embedding)."""
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler_config: dict,
+                 highres: bool, uncond_embeddings: Optional[mx.array] = None):
+        self.unet = unet
+        self.vae = vae
+        self.scheduler_config = scheduler_config
+        self.highres = highres
+        self.uncond_embeddings = uncond_embeddings
+        self.defaults = HIGHRES_DEFAULTS if highres else LOWRES_DEFAULTS
+        if not highres and uncond_embeddings is None:
+            raise LaVITError("the low-res pixel decoder needs its uncond_embeddings")
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.scaling_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.scale_factor
+
+    def scheduler(self, name: str = "ddim") -> Scheduler:
+        """A fresh scheduler built from the folder's scheduler config ('ddim' as the release)."""
+        return make_scheduler(name, self.scheduler_config)
+
+    def check_size(self, height: int, width: int) -> None:
+        step = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % step:
+                raise LaVITError(f"{name} {value} is not a positive multiple of {step} (one latent pixel)")
+
+    # ------------------------------------------------------------ single passes (parity)
+    def unet_forward(self, latents, timestep, context, pooled=None, time_ids=None, mask=None) -> mx.array:
+        """One UNet noise prediction (NCHW) for the given conditioning."""
+        if self.highres:
+            return self.unet(latents, timestep, context, text_embeds=pooled, time_ids=time_ids)
+        return self.unet(latents, timestep, context, encoder_attention_mask=mask)
+
+    def vae_decode_raw(self, z) -> mx.array:
+        """The VAE decoder on unscaled latents (latents / scaling_factor): NCHW in ~[-1, 1]."""
+        return self.vae.decode(z)
+
+    # ------------------------------------------------------------ guided denoising
+    def guidance_batch(self, conditioning, height: int, width: int) -> dict:
+        """UNet keyword inputs for [negative; positive] rows of a batch of B images.
+
+        Args:
+            conditioning: high-res (prompt_embeds (B, N, 2048), pooled (B, 1280));
+                low-res context (B, N, 768), as `LaVIT.decode_codes` returns.
+        """
+        if self.highres:
+            prompt, pooled = conditioning
+            batch = prompt.shape[0]
+            time_ids = mx.broadcast_to(mx.array([height, width, 0, 0, height, width], mx.float32), (2 * batch, 6))
+            return {
+                "context": mx.concatenate([mx.zeros_like(prompt), prompt]),
+                "pooled": mx.concatenate([mx.zeros_like(pooled), pooled]),
+                "time_ids": time_ids,
+            }
+        context = conditioning
+        batch, tokens, dim = context.shape
+        uncond = self.uncond_embeddings.reshape(-1, dim)[:tokens].astype(context.dtype)
+        count = uncond.shape[0]
+        negative = mx.concatenate([uncond, mx.zeros((tokens - count, dim), context.dtype)])
+        negative_mask = mx.arange(tokens) < count
+        return {
+            "context": mx.concatenate([mx.broadcast_to(negative, (batch, tokens, dim)), context]),
+            "mask": mx.concatenate([mx.broadcast_to(negative_mask, (batch, tokens)),
+                                    mx.ones((batch, tokens), mx.bool_)]),
+        }
+
+    def denoise(
+        self,
+        conditioning,
+        height: int,
+        width: int,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        scheduler: str = "ddim",
+        seed: Optional[int] = None,
+        latents: Optional[mx.array] = None,
+    ) -> Iterator[Tuple[int, int, mx.array]]:
+        """Classifier-free guided denoising; yields (step, total, latents) after each step.
+
+        Args:
+            conditioning: from `LaVIT.decode_codes` (B images).
+            height, width: output size in pixels (multiples of the VAE scale factor).
+            steps, guidance: default to the release's (25 / 7.0 high-res, 50 / 5.0 low-res).
+            scheduler: 'ddim' (the release), 'euler' or 'dpm++2m'.
+            seed: for the initial noise; None draws one.
+            latents: start from these (B, C, h, w) instead of noise (tests).
+        """
+        self.check_size(height, width)
+        steps = steps or self.defaults.steps
+        guidance = self.defaults.guidance if guidance is None else guidance
+        sampler = self.scheduler(scheduler)
+        sampler.set_timesteps(steps)
+        inputs = self.guidance_batch(conditioning, height, width)
+        batch = inputs["context"].shape[0] // 2
+        if latents is None:
+            key = mx.random.key(seed if seed is not None else int.from_bytes(np.random.bytes(4), "little"))
+            shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            latents = mx.random.normal(shape, key=key) * sampler.init_noise_sigma
+        total = len(sampler.timesteps)
+        for i, t in enumerate(sampler.timesteps):
+            model_input = sampler.scale_model_input(mx.concatenate([latents, latents]), t)
+            noise = self.unet_forward(model_input, t, inputs["context"], pooled=inputs.get("pooled"),
+                                      time_ids=inputs.get("time_ids"), mask=inputs.get("mask"))
+            uncond, cond = noise[:batch], noise[batch:]
+            latents = sampler.step(uncond + guidance * (cond - uncond), t, latents)
+            mx.eval(latents)
+            yield i + 1, total, latents
+
+    def to_images(self, latents: mx.array) -> np.ndarray:
+        """Latents -> uint8 images (B, H, W, 3), decoded in float32 as the release does."""
+        images = self.vae_decode_raw(latents.astype(mx.float32) / self.scaling_factor)
+        images = mx.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        return np.round(np.array(images) * 255).astype(np.uint8)
