@@ -51,14 +51,21 @@ def _progress():
     )
 
 
-def _open_model(model: Optional[Path], vision_heads: Optional[int]):
+QuantizeOption = typer.Option(None, "--quantize", help="Quantize the LLM to 4 or 8 bits when loading (group size 64).")
+
+
+def _spinner(text: str):
+    return _stderr().status(text)
+
+
+def _open_model(model: Optional[Path], vision_heads: Optional[int], quantize: Optional[int] = None):
     from lavit_mlx import load
     from lavit_mlx.errors import LaVITError
 
     path = model or (Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else None)
     if path is None:
         raise LaVITError(f"no model given: pass --model DIR or set {MODEL_ENV}")
-    lavit = load(path, vision_heads=vision_heads)
+    lavit = load(path, vision_heads=vision_heads, quantize=quantize)
     _stderr().print(f"model: {lavit.checkpoint.describe()}", highlight=False)
     return lavit
 
@@ -143,6 +150,150 @@ def tokenize(
     for r in results:
         typer.echo(f"{r.source}: {r.num_tokens} tokens")
         typer.echo(" ".join(str(c) for c in r.codes.tolist()))
+
+
+def _print_answers(answers, as_json: bool, key: str):
+    if as_json:
+        typer.echo(json.dumps([{"image": a.source, key: a.text} for a in answers]))
+        return
+    for answer in answers:
+        typer.echo(f"{answer.source}: {answer.text}")
+
+
+@app.command()
+def caption(
+    images: List[Path] = typer.Argument(..., help="Image files."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    quantize: Optional[int] = QuantizeOption,
+    prompt: str = typer.Option("", "--prompt", help="Text after the image (the release captions with none)."),
+    beams: int = typer.Option(2, "--beams", min=1, help="Beam search width (1: greedy or --sample)."),
+    max_tokens: int = typer.Option(36, "--max-tokens", min=1, help="Most new tokens."),
+    min_tokens: int = typer.Option(8, "--min-tokens", min=0, help="Fewest new tokens."),
+    sample: bool = typer.Option(False, "--sample", help="Sample the words (needs --beams 1)."),
+    sample_tokens: bool = typer.Option(False, "--sample-tokens", help="Sample the visual token selection, as the release does."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --sample and --sample-tokens."),
+    as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"image", "caption"}.'),
+):
+    """Caption images (the release's settings: 2 beams, 8..36 tokens, cut at the first '.')."""
+    from lavit_mlx.understanding import caption as run
+
+    lavit = _open_model(model, vision_heads, quantize)
+    with _spinner("captioning"):
+        answers = run(lavit, [str(p) for p in images], prompt, num_beams=beams, max_new_tokens=max_tokens,
+                      min_new_tokens=min_tokens, do_sample=sample, sample_tokens=sample_tokens, seed=seed)
+    _print_answers(answers, as_json, "caption")
+
+
+@app.command()
+def ask(
+    image: Path = typer.Argument(..., help="Image file."),
+    question: str = typer.Argument(..., help="The question."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    quantize: Optional[int] = QuantizeOption,
+    beams: int = typer.Option(5, "--beams", min=1, help="Beam search width."),
+    max_tokens: int = typer.Option(10, "--max-tokens", min=1, help="Most new tokens."),
+    min_tokens: int = typer.Option(2, "--min-tokens", min=0, help="Fewest new tokens."),
+    sample_tokens: bool = typer.Option(False, "--sample-tokens", help="Sample the visual token selection, as the release does."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --sample-tokens."),
+    as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"image", "answer"}.'),
+):
+    """Answer a question about an image ("Question: {} Answer:", 5 beams, 2..10 tokens)."""
+    from lavit_mlx.understanding import ask as run
+
+    lavit = _open_model(model, vision_heads, quantize)
+    with _spinner("answering"):
+        answers = run(lavit, [str(image)], question, num_beams=beams, max_new_tokens=max_tokens,
+                      min_new_tokens=min_tokens, sample_tokens=sample_tokens, seed=seed)
+    _print_answers(answers, as_json, "answer")
+
+
+def _run_pipeline(stages, settings, out: Path, force: bool):
+    """Drive a generation generator with progress bars and save the images."""
+    from lavit_mlx.generation import Event, check_outputs, output_paths, save_png
+
+    paths = output_paths(out, settings.num_images)
+    check_outputs(paths, force)
+    labels = {"tokens": "image tokens (LLM)", "decode": "VQ decoder", "denoise": "denoising (UNet)", "vae": "VAE decode"}
+    images = None
+    with _progress() as progress:
+        tasks = {}
+        for event in stages:
+            if not isinstance(event, Event):
+                images = event
+                break
+            if event.stage not in tasks:
+                tasks[event.stage] = progress.add_task(labels[event.stage], total=event.total)
+            progress.update(tasks[event.stage], completed=event.done, total=event.total)
+    for index, (image, path) in enumerate(zip(images, paths)):
+        save_png(image, path, settings, index)
+        typer.echo(str(path))
+
+
+def _settings(**values):
+    from lavit_mlx.generation import GenerationSettings
+
+    return GenerationSettings(**values).resolved()
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option("", "--prompt", "-p", help="Text; '<image>' marks where each --image goes."),
+    image: List[Path] = typer.Option([], "--image", help="Prompt image (repeatable). Without a <image> mark it comes first."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    quantize: Optional[int] = QuantizeOption,
+    out: Path = typer.Option(Path("lavit.png"), "--out", "-o", help="Output PNG (-n > 1: NAME-1.png, NAME-2.png, ...)."),
+    n: int = typer.Option(1, "-n", min=1, help="Number of images."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: random; stored in the PNG)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Text the LLM guidance steers away from."),
+    decoder: str = typer.Option("highres", "--decoder", help="Pixel decoder: highres (SDXL-shaped, default) or lowres (512px)."),
+    ratio: Optional[str] = typer.Option(None, "--ratio", help="High-res aspect ratio: 1:1, 4:3, 3:2, 16:9, 2:3, 3:4."),
+    width: Optional[int] = typer.Option(None, "--width", help="Width in pixels (multiple of 8)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Height in pixels (multiple of 8)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (release: 25 highres, 50 lowres)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="UNet guidance (release: 7.0 highres, 5.0 lowres)."),
+    llm_guidance: Optional[float] = typer.Option(None, "--llm-guidance", help="LLM guidance (release: 4.0, 5.0 with an image)."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim (the release), euler or dpm++2m."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Free the LLM before the UNet runs."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+):
+    """Generate images from text or text + image prompts."""
+    from lavit_mlx.generation import generate_stages
+
+    settings = _settings(prompt=prompt, images=[str(p) for p in image], negative_prompt=negative_prompt,
+                         seed=seed, num_images=n, decoder=decoder, ratio=ratio, width=width, height=height,
+                         steps=steps, guidance=guidance, llm_guidance=llm_guidance, scheduler=scheduler,
+                         low_memory=low_memory)
+    lavit = _open_model(model, vision_heads, quantize)
+    _run_pipeline(generate_stages(lavit, settings), settings, out, force)
+
+
+@app.command()
+def reconstruct(
+    image: Path = typer.Argument(..., help="Image to tokenize and decode again."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    out: Path = typer.Option(Path("reconstruction.png"), "--out", "-o", help="Output PNG."),
+    n: int = typer.Option(1, "-n", min=1, help="Number of images."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: random; stored in the PNG)."),
+    decoder: str = typer.Option("highres", "--decoder", help="highres or lowres."),
+    ratio: Optional[str] = typer.Option(None, "--ratio", help="High-res aspect ratio."),
+    width: Optional[int] = typer.Option(None, "--width", help="Width in pixels."),
+    height: Optional[int] = typer.Option(None, "--height", help="Height in pixels."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="UNet guidance."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, euler or dpm++2m."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+):
+    """Reconstruct an image from its own visual tokens (shows what the tokenizer keeps)."""
+    from lavit_mlx.generation import reconstruct_stages
+
+    settings = _settings(prompt="", images=[str(image)], seed=seed, num_images=n, decoder=decoder, ratio=ratio,
+                         width=width, height=height, steps=steps, guidance=guidance, scheduler=scheduler)
+    lavit = _open_model(model, vision_heads)
+    _run_pipeline(reconstruct_stages(lavit, str(image), settings), settings, out, force)
 
 
 @app.command()

@@ -1,0 +1,137 @@
+"""Image understanding with LaVIT: captions and visual question answering.
+
+Follows the official `lavit_for_understanding.py` (`generate`, `predict_answers`) and
+LAVIT_REFERENCE.md section 4: the LLM reads `[IMG]`, the image's continuous visual
+embeddings (the merger of `visual_weight.bin` + `vit_proj` on the kept patches),
+`[/IMG]`, then the prompt; batches are left-padded with the eos embedding; visual ids
+are suppressed.
+
+- Caption: 2 beams, 8..36 new tokens, the text up to its first '.'.
+- VQA: prompt "Question: {} Answer:", 5 beams, 2..10 new tokens, length_penalty 0; the
+  answer is the first line, cut at ',' and '.', lower-cased.
+
+The release *samples* the token selection for understanding (Gumbel); here the
+deterministic rule is the default so that an answer is reproducible, and
+`sample_tokens=True` (with a seed) gives the release's behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+from .image_processing import ImageInput, load_image, preprocess
+from .sampling import TextDecoding, beam_search, stream_text
+
+VQA_PROMPT = "Question: {} Answer:"
+# Options of `caption`/`ask` that configure decoding; the others go to `describe`.
+DECODING_OPTIONS = {"num_beams", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k",
+                    "top_p", "length_penalty", "repetition_penalty"}
+
+
+@dataclass
+class Answer:
+    """One caption or answer."""
+
+    text: str  # post-processed, as the release returns it
+    raw: str  # the decoded text before post-processing
+    token_ids: List[int]
+    source: Optional[str] = None
+
+
+def clean_caption(text: str) -> str:
+    return text.strip().split(".")[0]
+
+
+def clean_answer(text: str) -> str:
+    """The release's VQA post-processing (its optional spaCy lemmatizer aside)."""
+    text = text.strip().split("\n")[0]
+    for stop in ("question:", "Long answer:", ",", "."):
+        text = text.split(stop)[0]
+    return text.lower()
+
+
+def _embeddings(model, images: Sequence[ImageInput], prompts: Sequence[str], sample_tokens: bool, seed):
+    """Per image: [IMG] visual [/IMG] prompt, as LLM input embeddings."""
+    size = model.eva.config.image_size
+    pixels = preprocess([load_image(image) for image in images], size)
+    out = model.tokenize_pixels(pixels, sample=sample_tokens, seed=seed, understanding=True)
+    prompt_ids = [model.text_tokenizer.encode(p) if p else [] for p in prompts]
+    rows = model.understanding_rows(out.visual_embeds, prompt_ids)
+    model.llm.check_length(max(int(r.shape[0]) for r in rows))
+    return rows
+
+
+def describe(
+    model,
+    images: Sequence[ImageInput],
+    prompts: Sequence[str],
+    decoding: TextDecoding,
+    clean: Callable[[str], str],
+    sample_tokens: bool = False,
+    seed: Optional[int] = None,
+    stream: Optional[Callable[[List[str]], None]] = None,
+) -> List[Answer]:
+    """Decode text for each (image, prompt) pair.
+
+    Args:
+        model: a `LaVIT`.
+        images: paths or PIL images.
+        prompts: one prompt per image ('' for none).
+        decoding: beams, lengths, sampling (see `sampling.TextDecoding`).
+        clean: post-processing of the decoded text.
+        sample_tokens: sample the token selection as the release does (seeded).
+        seed: for token selection and sampled decoding.
+        stream: called with the texts decoded so far after each step (greedy/sampled
+            decoding), or with the running best beams (beam search).
+
+    Returns:
+        One `Answer` per image, in order.
+    """
+    rows = _embeddings(model, images, prompts, sample_tokens, seed)
+    tokenizer = model.text_tokenizer
+    if decoding.num_beams > 1:
+        final = None
+        for step in beam_search(model.llm, rows, decoding):
+            final = step
+            if stream and step.sequences is None:
+                stream([tokenizer.decode(ids) for ids in step.running])
+        sequences = final.sequences
+    else:
+        sequences = [[] for _ in rows]
+        for tokens in stream_text(model.llm, rows, decoding, seed=seed):
+            for row, token in enumerate(tokens):
+                if token is not None:
+                    sequences[row].append(token)
+            if stream:
+                stream([tokenizer.decode(ids) for ids in sequences])
+    answers = []
+    for image, ids in zip(images, sequences):
+        raw = tokenizer.decode(ids)
+        name = str(image) if not hasattr(image, "size") else None
+        answers.append(Answer(clean(raw), raw, list(ids), name))
+    return answers
+
+
+def _split(options: dict) -> tuple:
+    decoding = {k: v for k, v in options.items() if k in DECODING_OPTIONS and v is not None}
+    return decoding, {k: v for k, v in options.items() if k not in DECODING_OPTIONS}
+
+
+def caption(model, images: Sequence[ImageInput], prompt: str = "", **options) -> List[Answer]:
+    """Captions, as the release's `generate` (2 beams, 8..36 new tokens, cut at the first '.').
+
+    Options: num_beams, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+    top_p, length_penalty, repetition_penalty (decoding); sample_tokens, seed, stream.
+    """
+    decoding, rest = _split(options)
+    return describe(model, images, [prompt] * len(images), TextDecoding.caption(**decoding), clean_caption, **rest)
+
+
+def ask(model, images: Sequence[ImageInput], question: str, **options) -> List[Answer]:
+    """Answers, as the release's `predict_answers` ("Question: {} Answer:", 5 beams,
+    2..10 new tokens, length_penalty 0, early stopping); options as `caption`."""
+    decoding, rest = _split(options)
+    prompt = VQA_PROMPT.format(question)
+    return describe(model, images, [prompt] * len(images), TextDecoding.vqa(early_stopping=True, **decoding),
+                    clean_answer, **rest)
