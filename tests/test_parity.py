@@ -34,8 +34,10 @@ def run_parity(fixture: Path, *extra: str):
 
 
 def test_official_tiny(official_tiny):
-    proc, status = run_parity(official_tiny, "--allow-skip")
+    """Every key of the fixture passes, with no SKIP."""
+    proc, status = run_parity(official_tiny)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(status) >= 31 and set(status.values()) == {"ok"}, proc.stdout
     for key in TOKENIZER_KEYS:
         assert status.get(key) == "ok", f"{key}: {status.get(key)}\n{proc.stdout}"
     # every line has the documented format
