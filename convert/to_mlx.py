@@ -115,11 +115,12 @@ def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: Conve
         quantized = {f"{p}.weight" for p in chosen}
         if skipped:
             report.unquantized[plan.name] = skipped
-    written = set()
-    # later sources override earlier ones (visual_weight.bin over tokenizer_encoder.bin)
-    for source in reversed(plan.sources):
+    # A key present in several sources comes from the last one (visual_weight.bin is
+    # loaded over tokenizer_encoder.bin); sources are written in their own order.
+    owner = {key: i for i, source in enumerate(plan.sources) for key in source.keys() if key in expected}
+    for i, source in enumerate(plan.sources):
         for key in source.keys():
-            if key not in expected or key in written:
+            if owner.get(key) != i:
                 continue
             value = plan.transform(key, source.get(key))
             if mx.issubdtype(value.dtype, mx.floating):
@@ -132,7 +133,6 @@ def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: Conve
             else:
                 mx.eval(value)
                 writer.add(key, value)
-            written.add(key)
         if plan.shard_per_source:
             writer.flush()
             source.close()

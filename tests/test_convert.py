@@ -31,11 +31,20 @@ def converted(official_checkpoint, tmp_path_factory):
 
 
 def all_tensors(folder):
+    """{(file, or its folder for shards) : key -> array} of every safetensors file."""
     tensors = {}
     for path in sorted(folder.rglob("*.safetensors")):
+        where = path.parent.relative_to(folder) if "-of-" in path.name else path.relative_to(folder)
         for key, value in mx.load(str(path)).items():
-            tensors[f"{path.relative_to(folder)}:{key}"] = value
+            tensors[f"{where}:{key}"] = value
     return tensors
+
+
+def llm_weights(folder):
+    weights = {}
+    for path in sorted((folder / "language_model").glob("model*.safetensors")):
+        weights.update(mx.load(str(path)))
+    return weights
 
 
 def test_layout_and_config(converted):
@@ -45,7 +54,9 @@ def test_layout_and_config(converted):
     assert config["token_ids"]["num_text"] == 32000
     for name in ("eva", "tokenizer", "understanding", "lowres_decoder", "highres_decoder", "codebook"):
         assert (converted / f"{name}.safetensors").is_file()
-    assert (converted / "language_model" / "model.safetensors").is_file()
+    # one output shard per input shard (the fixture's LLM has two)
+    assert (converted / "language_model" / "model.safetensors.index.json").is_file()
+    assert len(list((converted / "language_model").glob("model-*-of-00002.safetensors"))) == 2
     assert (converted / "highres_pixel_decoding" / "unet" / "diffusion_mlx_model.safetensors").is_file()
     assert (converted / "pixel_decoding" / "uncond_embeddings.safetensors").is_file()
     model = lavit_mlx.load(converted)
@@ -88,6 +99,10 @@ def test_round_trip_is_bit_exact(converted, official_checkpoint, tmp_path):
     again = tmp_path / "mlx-again"
     convert_to_mlx(back, again, ConvertOptions(vision_heads=2))
     first, second = all_tensors(converted), all_tensors(again)
+    first = {k: v for k, v in first.items() if not k.startswith("language_model")}
+    second = {k: v for k, v in second.items() if not k.startswith("language_model")}
+    first.update({f"llm:{k}": v for k, v in llm_weights(converted).items()})
+    second.update({f"llm:{k}": v for k, v in llm_weights(again).items()})
     assert set(first) == set(second)
     for key, value in first.items():
         assert value.dtype == second[key].dtype and mx.array_equal(value, second[key]), key
@@ -100,7 +115,7 @@ def test_quantized_conversion(official_checkpoint, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["llm"] == {"bits": 4, "group_size": 64}
     assert config["quantization"]["vision"] == {"bits": 8, "group_size": 64}
-    weights = mx.load(str(out / "language_model" / "model.safetensors"))
+    weights = llm_weights(out)
     assert "model.layers.0.mlp.down_proj.scales" in weights and "lm_head.scales" in weights
     # widths the group size does not divide stay in float and are reported
     assert "token_predictor.out_conv.4" in report.unquantized["tokenizer"]
