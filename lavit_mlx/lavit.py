@@ -16,6 +16,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .checkpoint import Checkpoint
 from .config import (
@@ -239,6 +240,7 @@ class LaVIT:
                 f"llama, hidden {llm.get('hidden_size')}, {llm.get('num_hidden_layers')} layers, "
                 f"vocab {llm.get('vocab_size')}"
             )
+            info["llm memory"] = self._llm_memory_line()
         ids = self.token_ids
         info["token ids"] = (
             f"[IMG]={ids.image_start} [/IMG]={ids.image_end} visual={ids.visual_offset}.."
@@ -246,6 +248,27 @@ class LaVIT:
         )
         info["vision heads"] = str(self.config.vision_heads)
         return info
+
+    def _llm_memory_line(self) -> str:
+        """LLM weight memory at each precision (counted on the unmaterialised model)."""
+        from .models.llm import llama_args
+        from mlx_lm.models.llama import Model as LlamaModel
+
+        try:
+            model = LlamaModel(llama_args({k: v for k, v in self.config.llm.items() if k != "quantization"}))
+        except (CheckpointError, TypeError, ValueError) as exc:
+            return f"unknown ({exc})"
+        float_bytes = sum(v.size for _, v in tree_flatten(model.parameters()))
+        parts = [f"float32 {4 * float_bytes / 2**30:.2f} GiB", f"float16 {2 * float_bytes / 2**30:.2f} GiB"]
+        for bits in (8, 4):
+            total = 0
+            for _, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+                for name, value in tree_flatten(layer.parameters()):
+                    quantizable = hasattr(layer, "to_quantized") and name == "weight" and value.shape[-1] % self.group_size == 0
+                    # packed weights + a float16 scale and bias per group
+                    total += value.size * bits / 8 + value.size / self.group_size * 4 if quantizable else value.size * 2
+            parts.append(f"{bits}-bit {total / 2**30:.2f} GiB")
+        return ", ".join(parts)
 
     @property
     def codebook(self) -> mx.array:
