@@ -109,61 +109,142 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
 
 
 # ---------------------------------------------------------------------------------------
-# Convolutional-network pieces (UNet, VAE): SiLU, GroupNorm, masked attention.
-# SiLU's sigmoid and GroupNorm's normalisation are elementwise chains that MLX fuses into
-# one kernel under `mx.compile`; the exp inside the sigmoid is the polynomial one above.
+# Convolutional-network pieces (UNet, VAE): SiLU, GroupNorm, softmax attention with an
+# additive bias, convolutions.
+#
+# MLX compiles a fused elementwise graph into one C++ loop built with plain -O3 (SSE2,
+# no FMA) that runs on one thread, and a floor or a bit cast splits the loop in
+# several. So the exps below use only multiply/add: e^t = (e^(t/32))^32, with
+# e^(t/32) from its degree-9 Taylor polynomial (|t/32| <= 0.94: truncation < 2e-9
+# before squaring; float32 rounding makes it ~2e-6 relative after, a relative error of
+# ~5e-7 in sigmoid and none that matters in softmax weights). Large elementwise passes
+# are split in two halves that run on two CPU streams (two threads).
+
+_EXP_SQUARINGS = 5
+_SMALL_EXP_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(10))
+_SILU_CLAMP = 20.0  # sigmoid(-20) = 2e-9: beyond this x * sigmoid(x) is x or 0 in float32 terms
+_SOFTMAX_FLOOR = -30.0  # e^-30 = 9e-14 of the row maximum's weight
+_SPLIT_MIN_ELEMENTS = 1 << 18  # below this, a second thread costs more than it saves
 
 
-def _silu_poly(x: mx.array) -> mx.array:
-    # x * sigmoid(x); exp(-x) saturates at 2^127 (clip above), so no inf/nan for any x.
-    return x / (1.0 + _exp_poly(-x))
+def _poly(t: mx.array, coefficients) -> mx.array:
+    """sum_n c_n t^n by Horner's rule, starting from the array (one fused loop once compiled)."""
+    result = t * coefficients[-1] + coefficients[-2]
+    for c in reversed(coefficients[:-2]):
+        result = result * t + c
+    return result
 
 
-_silu_cpu = _compiled(_silu_poly)
+def _exp_by_squaring(t: mx.array) -> mx.array:
+    """e^t for t in [-30, 20] with multiplies and adds only."""
+    e = _poly(t * (1.0 / 2**_EXP_SQUARINGS), _SMALL_EXP_TAYLOR)
+    for _ in range(_EXP_SQUARINGS):
+        e = e * e
+    return e
+
+
+def _silu_fast(x: mx.array) -> mx.array:
+    return x / (1.0 + _exp_by_squaring(-mx.clip(x, -_SILU_CLAMP, _SILU_CLAMP)))
+
+
+def _softmax_fast(x: mx.array) -> mx.array:
+    e = _exp_by_squaring(mx.maximum(x - mx.max(x, axis=-1, keepdims=True), _SOFTMAX_FLOOR))
+    return e / mx.sum(e, axis=-1, keepdims=True)
+
+
+def _affine(x, scale, shift):
+    return x * scale + shift
+
+
+def _affine_silu(x, scale, shift):
+    return _silu_fast(x * scale + shift)
+
+
+def _centred_square(x, mean):
+    d = x - mean
+    return d * d
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(fn):
+    """`mx.compile(fn)`, made once per function; `fn` itself where no compiler is available."""
+    compiled = _KERNELS.get(fn)
+    if compiled is None:
+        try:
+            compiled = mx.compile(fn)
+            mx.eval(compiled(*[mx.ones((2,), mx.float32)] * fn.__code__.co_argcount))
+        except Exception:  # no C++ compiler for MLX's CPU JIT
+            compiled = fn
+        _KERNELS[fn] = compiled
+    return compiled
+
+
+_STREAMS: dict = {}
+
+
+def _side_stream():
+    if "side" not in _STREAMS:
+        _STREAMS["side"] = mx.new_stream(mx.cpu)
+    return _STREAMS["side"]
+
+
+def _elementwise(fn, x: mx.array, *args: mx.array) -> mx.array:
+    """Compiled `fn(x, *args)` (args broadcast along x's axis 1), halves on two threads when large."""
+    kernel = _kernel(fn)
+    if x.size < _SPLIT_MIN_ELEMENTS or x.ndim < 2 or x.shape[1] < 2:
+        return kernel(x, *args)
+    half = x.shape[1] // 2
+    first = kernel(x[:, :half], *args)
+    with mx.stream(_side_stream()):
+        second = kernel(x[:, half:], *args)
+    return mx.concatenate([first, second], axis=1)
+
+
+def on_cpu(x: mx.array) -> bool:
+    """Whether `x` is computed by this module's CPU kernels (float32 on the CPU device)."""
+    return _on_cpu(x)
 
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x)."""
-    return _silu_cpu(x) if _on_cpu(x) else x * mx.sigmoid(x)
+    return _elementwise(_silu_fast, x) if _on_cpu(x) else x * mx.sigmoid(x)
 
 
-def _group_norm_fn(num_groups: int, eps: float, apply_silu: bool, fast_exp: bool):
-    def fn(x, weight, bias):
-        shape = x.shape
-        # channels-last: (B, ..., C) -> (B, positions, groups, C/groups); torch's groups are
-        # runs of consecutive channels, which this reshape keeps.
-        grouped = x.reshape(shape[0], -1, num_groups, shape[-1] // num_groups)
-        mean = mx.mean(grouped, axis=(1, 3), keepdims=True)
-        centred = grouped - mean
-        var = mx.mean(centred * centred, axis=(1, 3), keepdims=True)
-        y = (centred * mx.rsqrt(var + eps)).reshape(shape) * weight + bias
-        if apply_silu:
-            y = y / (1.0 + _exp_poly(-y)) if fast_exp else y * mx.sigmoid(y)
-        return y
-
-    return fn
-
-
-_GROUP_NORM_CACHE: dict = {}
+def _spatial_sum(x: mx.array) -> mx.array:
+    """(B, H, W, C) or (B, N, C) -> (B, C); summed in two levels to keep float32 error small."""
+    return x.sum(axis=2).sum(axis=1) if x.ndim == 4 else x.sum(axis=1)
 
 
 def group_norm(
     x: mx.array, weight: mx.array, bias: mx.array, num_groups: int, eps: float, apply_silu: bool = False
 ) -> mx.array:
-    """torch.nn.GroupNorm on channels-last input (B, ..., C), optionally followed by SiLU."""
-    fast = _on_cpu(x)
-    key = (num_groups, float(eps), apply_silu, fast)
-    fn = _GROUP_NORM_CACHE.get(key)
-    if fn is None:
-        plain = _group_norm_fn(num_groups, eps, apply_silu, fast)
-        try:
-            fn = mx.compile(plain)
-            mx.eval(fn(mx.zeros((1, 1, num_groups), x.dtype), mx.ones((num_groups,), x.dtype),
-                       mx.zeros((num_groups,), x.dtype)))
-        except Exception:  # no C++ compiler for MLX's CPU JIT
-            fn = plain
-        _GROUP_NORM_CACHE[key] = fn
-    return fn(x, weight, bias)
+    """torch.nn.GroupNorm on channels-last input (B, ..., C), optionally followed by SiLU.
+
+    torch's groups are runs of consecutive channels. Statistics are two-pass (mean, then
+    the mean of centred squares); the normalisation becomes one per-channel
+    scale-and-shift, fused with the SiLU.
+    """
+    B, C = x.shape[0], x.shape[-1]
+    per_group = C // num_groups
+    count = (x.size // (B * C)) * per_group  # elements per (batch, group)
+
+    def per_channel(group_values):  # (B, groups) -> (B, 1, ..., 1, C)
+        return mx.repeat(group_values, per_group, axis=-1).reshape(B, *([1] * (x.ndim - 2)), C)
+
+    if not _on_cpu(x):
+        grouped = x.reshape(B, -1, num_groups, per_group)
+        mean = mx.mean(grouped, axis=(1, 3), keepdims=True)
+        var = mx.var(grouped, axis=(1, 3), keepdims=True)
+        y = ((grouped - mean) * mx.rsqrt(var + eps)).reshape(x.shape) * weight + bias
+        return y * mx.sigmoid(y) if apply_silu else y
+    mean = _spatial_sum(x).reshape(B, num_groups, per_group).sum(axis=-1) / count  # (B, groups)
+    mean_c = per_channel(mean)
+    var = _spatial_sum(_kernel(_centred_square)(x, mean_c)).reshape(B, num_groups, per_group).sum(axis=-1) / count
+    scale = per_channel(mx.rsqrt(var + eps)) * weight
+    shift = bias - mean_c * scale
+    return _elementwise(_affine_silu if apply_silu else _affine, x, scale, shift)
 
 
 def attention_with_bias(
@@ -171,14 +252,16 @@ def attention_with_bias(
 ) -> mx.array:
     """softmax(q k^T * scale + bias) v for (B, heads, N, head_dim) inputs.
 
-    `bias` is additive and broadcasts against the scores (B, heads, N, L), e.g. a padding
-    bias of shape (B, 1, 1, L).
+    `bias` (optional) is additive and broadcasts against the scores (B, heads, N, L),
+    e.g. a padding bias of shape (B, 1, 1, L).
     """
-    if bias is None:
-        return attention(q, k, v, scale)
     if not _on_cpu(q):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=bias.astype(q.dtype))
-    return softmax((q * scale) @ k.transpose(0, 1, 3, 2) + bias) @ v
+        mask = None if bias is None else bias.astype(q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, heads, N, L)
+    if bias is not None:
+        scores = scores + bias
+    return _elementwise(_softmax_fast, scores) @ v
 
 
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1, padding: int = 0) -> mx.array:
@@ -192,3 +275,41 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1
         return y.reshape(*x.shape[:-1], out_channels)
     y = mx.conv2d(x, weight, stride=stride, padding=padding)
     return y + bias if bias is not None else y
+
+
+# Nearest 2x upsampling followed by a 3x3 conv (padding 1) equals, for each output parity
+# (row a, column b), a 2x2 conv on the low-resolution input: output row 2i + a reads
+# upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows (i - 1, i) for a = 0 and
+# (i, i + 1) for a = 1, so kernel rows fold as [w0, w1 + w2] and [w0 + w1, w2]. That is
+# 16 instead of 36 multiply-adds per input pixel and channel pair, and no 4x-sized
+# upsampled copy to unfold.
+_ROW_FOLDS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def subpixel_kernels(weight: mx.array) -> list:
+    """The four folded (out, 2, 2, in) kernels of a (out, 3, 3, in) kernel, ordered (a, b) row-major."""
+
+    def fold(w: mx.array, axis: int, groups) -> mx.array:
+        taps = [mx.take(w, mx.array(i), axis=axis) for i in range(3)]  # each drops `axis`
+        return mx.stack([sum(taps[i] for i in group) for group in groups], axis=axis)
+
+    return [fold(fold(weight, 1, _ROW_FOLDS[a]), 2, _ROW_FOLDS[b]) for a in range(2) for b in range(2)]
+
+
+def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, kernels=None) -> mx.array:
+    """conv2d(nearest_upsample_2x(x), weight, padding=1) + bias for NHWC x.
+
+    `kernels` are `subpixel_kernels(weight)`, passed by callers that cache them.
+    """
+    if not _on_cpu(x):
+        B, H, W, C = x.shape
+        up = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+        return conv2d(up, weight, bias, padding=1)
+    B, H, W, _ = x.shape
+    kernels = kernels if kernels is not None else subpixel_kernels(weight)
+    padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    parts = [mx.conv2d(padded[:, a:a + H + 1, b:b + W + 1, :], kernels[2 * a + b])
+             for a in range(2) for b in range(2)]  # each (B, H, W, out)
+    out = mx.stack(parts, axis=3).reshape(B, H, W, 2, 2, -1)  # (B, H, W, a, b, out)
+    out = out.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, -1)
+    return out + bias if bias is not None else out

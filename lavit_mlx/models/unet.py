@@ -274,13 +274,36 @@ def upsample_nearest(x: mx.array, size: Optional[tuple] = None) -> mx.array:
     return mx.take(mx.take(x, rows, axis=1), cols, axis=2)
 
 
+class FoldedKernelCache:
+    """`cpu_math.subpixel_kernels` of the current weight array, remade when the weight changes.
+
+    A plain object, not an array container, so MLX does not count it as a parameter.
+    """
+
+    def __init__(self):
+        self.weight = None
+        self.kernels = None
+
+    def get(self, weight: mx.array) -> list:
+        if self.weight is not weight:
+            self.weight, self.kernels = weight, cpu_math.subpixel_kernels(weight)
+        return self.kernels
+
+
 class Upsample2D(nn.Module):
+    """Nearest 2x upsampling, then a 3x3 conv (as one folded conv on the CPU, see cpu_math)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.folded = FoldedKernelCache()
 
     def __call__(self, x: mx.array, size: Optional[tuple] = None) -> mx.array:
-        return self.conv(upsample_nearest(x, size))
+        B, H, W, _ = x.shape
+        if size is not None and tuple(size) != (2 * H, 2 * W):
+            return self.conv(upsample_nearest(x, size))
+        kernels = self.folded.get(self.conv.weight) if cpu_math.on_cpu(x) else None
+        return cpu_math.upsample2x_conv3x3(x, self.conv.weight, self.conv.get("bias"), kernels)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,191 @@
+"""Pixel decoding speed: one UNet step and one VAE decode, MLX vs diffusers (PyTorch fp32).
+
+    python benchmarks/pixel.py [--repeats 3] [--latent 32] [--context 256] [--vae-latent 32]
+
+The UNet is SDXL-shaped (LaVIT's high-res decoder) at reduced depth so that a step
+takes about a second on two CPU cores: block_out_channels (320, 640, 1280), one resnet
+per block, one transformer layer per attention block, heads (5, 10, 20), linear
+projections, cross-attention width 2048, text_time added embedding; batch 2 (the
+conditional and unconditional guidance branches) on a 32x32 latent with 256 context
+tokens (LaVIT's prompt length). The VAE is Stable Diffusion's full decoder
+(block_out_channels (128, 256, 512, 512), two resnets per block), decoding one 32x32
+latent to a 256x256 image. Weights are random, written once with `save_pretrained`
+and read by each framework in its own process, so neither one's threads compete with
+the other's. The largest relative difference between the two outputs is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+UNET_CONFIG = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 1, 1), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=1280 + 6 * 256,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+POOLED_DIM = 1280
+TIMESTEP = 501
+
+
+def make_inputs(args):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return dict(
+        latents=rng.standard_normal((2, 4, args.latent, args.latent)).astype(np.float32),
+        context=rng.standard_normal((2, args.context, 2048)).astype(np.float32),
+        pooled=rng.standard_normal((2, POOLED_DIM)).astype(np.float32),
+        time_ids=np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (2, 1)),
+        vae_latents=rng.standard_normal((1, 4, args.vae_latent, args.vae_latent)).astype(np.float32),
+    )
+
+
+def make_models(folder: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(str(folder / "unet"))
+    AutoencoderKL(**VAE_CONFIG).save_pretrained(str(folder / "vae"))
+
+
+def timed(fn, repeats: int):
+    """(best seconds, last output) after one warm-up call."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def worker(args) -> None:
+    import numpy as np
+
+    folder = Path(args.models)
+    x = make_inputs(args)
+    if args.worker == "mlx":
+        from lavit_mlx.runtime import ensure_fast_runtime
+
+        ensure_fast_runtime()
+        import mlx.core as mx
+
+        from lavit_mlx.models.unet import load_unet
+        from lavit_mlx.models.vae import load_vae
+
+        unet, vae = load_unet(folder / "unet"), load_vae(folder / "vae")
+        inputs = {k: mx.array(v) for k, v in x.items()}
+
+        def unet_step():
+            out = unet(inputs["latents"], TIMESTEP, inputs["context"], text_embeds=inputs["pooled"],
+                       time_ids=inputs["time_ids"])
+            mx.eval(out)
+            return np.array(out)
+
+        def vae_decode():
+            out = vae.decode(inputs["vae_latents"])
+            mx.eval(out)
+            return np.array(out)
+    else:
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        torch.set_grad_enabled(False)
+        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
+        inputs = {k: torch.from_numpy(v) for k, v in x.items()}
+
+        def unet_step():
+            return unet(inputs["latents"], TIMESTEP, encoder_hidden_states=inputs["context"],
+                        added_cond_kwargs={"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}
+                        ).sample.numpy()
+
+        def vae_decode():
+            return vae.decode(inputs["vae_latents"]).sample.numpy()
+
+    result = {}
+    for name, fn in (("unet", unet_step), ("vae", vae_decode)):
+        seconds, out = timed(fn, args.repeats)
+        np.save(Path(args.out) / f"{args.worker}_{name}.npy", out)
+        result[name] = seconds
+    (Path(args.out) / f"{args.worker}.json").write_text(json.dumps(result))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latent", type=int, default=32, help="UNet latent side (batch 2)")
+    parser.add_argument("--context", type=int, default=256, help="context tokens")
+    parser.add_argument("--vae-latent", type=int, default=32, help="VAE latent side (batch 1)")
+    parser.add_argument("--only", choices=["mlx", "torch"], help="run one framework only")
+    parser.add_argument("--models", help="reuse a folder of saved models (written if absent)")
+    parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import numpy as np
+    import torch
+
+    from lavit_mlx.runtime import find_openblas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(args.models) if args.models else Path(tmp) / "models"
+        if not (models / "vae" / "config.json").is_file():
+            make_models(models)
+        results = {}
+        frameworks = [args.only] if args.only else ["mlx", "torch"]
+        for name in frameworks:
+            env = dict(os.environ)
+            if name == "torch":  # torch brings its own BLAS; no preload, no malloc tuning
+                env.pop("LD_PRELOAD", None)
+            cmd = [sys.executable, __file__, "--worker", name, "--models", str(models), "--out", tmp,
+                   "--repeats", str(args.repeats), "--latent", str(args.latent),
+                   "--context", str(args.context), "--vae-latent", str(args.vae_latent)]
+            subprocess.run(cmd, check=True, env=env)
+            results[name] = json.loads((Path(tmp) / f"{name}.json").read_text())
+        outputs = {(f, c): np.load(Path(tmp) / f"{f}_{c}.npy") for f in frameworks for c in ("unet", "vae")}
+
+    blas = f"OpenBLAS ({find_openblas()})" if find_openblas() else "bundled reference BLAS"
+    print(f"pixel decoding, float32, {os.cpu_count()} CPU threads; MLX with {blas}, "
+          f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"UNet: SDXL-shaped (320, 640, 1280), 1 layer/block, batch 2, latent {args.latent}x{args.latent}, "
+          f"{args.context} context tokens. VAE: SD decoder, latent {args.vae_latent}x{args.vae_latent} -> "
+          f"{8 * args.vae_latent}x{8 * args.vae_latent} image.")
+    print("| step | MLX s | diffusers s | MLX speed vs diffusers | max rel diff |")
+    print("|---|---:|---:|---:|---:|")
+    for component, label in (("unet", "UNet step (batch 2)"), ("vae", "VAE decode")):
+        row = {f: results[f][component] for f in frameworks}
+        mlx_s, torch_s = row.get("mlx"), row.get("torch")
+        speed = f"{torch_s / mlx_s:.2f}x" if mlx_s and torch_s else "-"
+        diff = "-"
+        if len(frameworks) == 2:
+            ours, ref = outputs[("mlx", component)], outputs[("torch", component)]
+            diff = f"{np.abs(ours - ref).max() / np.abs(ref).max():.1e}"
+        fmt = lambda s: f"{s:.3f}" if s else "-"  # noqa: E731
+        print(f"| {label} | {fmt(mlx_s)} | {fmt(torch_s)} | {speed} | {diff} |")
+
+
+if __name__ == "__main__":
+    main()
