@@ -185,7 +185,7 @@ def _prefill(lm: LanguageModel, inputs_embeds: Sequence[mx.array], max_new_token
     batch, padding = lm.pad_embeddings(inputs_embeds)
     lm.check_length(batch.shape[1], max_new_tokens)
     cache = lm.make_cache(padding)
-    return lm(inputs_embeds=batch, cache=cache)[:, -1], cache
+    return lm.next_logits(inputs_embeds=batch, cache=cache), cache
 
 
 # ----------------------------------------------------------------------------- text: greedy / sampling
@@ -242,7 +242,7 @@ def stream_text(
     ended = [False] * rows
     for step in range(config.max_new_tokens):
         if step + 1 < config.max_new_tokens:
-            upcoming = choose(lm(input_ids=tokens[:, None], cache=cache)[:, -1], step + 1)
+            upcoming = choose(lm.next_logits(input_ids=tokens[:, None], cache=cache), step + 1)
             mx.async_eval(upcoming)
         values = tokens.tolist()
         yield [None if ended[r] else values[r] for r in range(rows)]
@@ -400,7 +400,7 @@ def beam_search(
             layer_cache.filter(index)
         if config.repetition_penalty != 1.0:
             seen = seen[index] | _one_hot(tokens, vocab)
-        logits = lm(input_ids=tokens[:, None], cache=cache)[:, -1]
+        logits = lm.next_logits(input_ids=tokens[:, None], cache=cache)
 
     # finalize: open beams of unfinished rows compete with the finished hypotheses.
     for r in range(rows):
@@ -487,13 +487,13 @@ def stream_image_tokens(
     cond_ids, cond_pad = lm.pad_ids(cond_rows)
     lm.check_length(cond_ids.shape[1], config.max_new_tokens)
     cache = lm.make_cache(cond_pad)
-    logits = lm(input_ids=cond_ids, cache=cache)[:, -1]
+    logits = lm.next_logits(input_ids=cond_ids, cache=cache)
     uncond_cache = None
     if guided:
         uncond_ids, uncond_pad = lm.pad_ids(_negative_rows(negative_prompt_ids, rows, ids))
         lm.check_length(uncond_ids.shape[1], config.max_new_tokens)
         uncond_cache = lm.make_cache(uncond_pad)
-        uncond_logits = lm(input_ids=uncond_ids, cache=uncond_cache)[:, -1]
+        uncond_logits = lm.next_logits(input_ids=uncond_ids, cache=uncond_cache)
         logits = mx.concatenate([logits, uncond_logits])
         if not two_pass:
             # One left-padded batch: rows [cond_0..cond_B-1, uncond_0..uncond_B-1].
@@ -503,13 +503,13 @@ def stream_image_tokens(
 
     def forward(tokens: mx.array) -> mx.array:
         if not guided:
-            return lm(input_ids=tokens[:, None], cache=cache)[:, -1]
+            return lm.next_logits(input_ids=tokens[:, None], cache=cache)
         if uncond_cache is None:
             both = mx.concatenate([tokens, tokens])[:, None]
-            return lm(input_ids=both, cache=cache)[:, -1]
+            return lm.next_logits(input_ids=both, cache=cache)
         return mx.concatenate([
-            lm(input_ids=tokens[:, None], cache=cache)[:, -1],
-            lm(input_ids=tokens[:, None], cache=uncond_cache)[:, -1],
+            lm.next_logits(input_ids=tokens[:, None], cache=cache),
+            lm.next_logits(input_ids=tokens[:, None], cache=uncond_cache),
         ])
 
     suppress_mask = _id_mask(vocab, text_suppression(ids))

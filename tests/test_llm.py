@@ -143,6 +143,7 @@ def test_logits_match_transformers(tiny):
     assert relative_error(lm(input_ids=mx.array(ids)), mx.array(ref)) <= TOLERANCE
     assert relative_error(lm(inputs_embeds=mx.array(embeds)), mx.array(ref)) <= TOLERANCE
     assert relative_error(lm.embed(ids), mx.array(embeds)) == 0.0
+    assert relative_error(lm.next_logits(input_ids=mx.array(ids)), mx.array(ref[:, -1])) <= TOLERANCE
 
 
 def test_stored_dtype_option(official_checkpoint):

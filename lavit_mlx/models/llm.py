@@ -274,6 +274,18 @@ class LanguageModel:
         logits = self.model(input_ids, cache=cache, input_embeddings=inputs_embeds)
         return logits.astype(mx.float32)
 
+    def next_logits(self, input_ids: Optional[mx.array] = None, inputs_embeds: Optional[mx.array] = None,
+                    cache=None) -> mx.array:
+        """Float32 logits (B, vocab) of the last position only: the head runs on one position."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.model.model(input_ids, cache, inputs_embeds)[:, -1:]
+        if self.args.tie_word_embeddings:
+            logits = self.model.model.embed_tokens.as_linear(hidden)
+        else:
+            logits = self.model.lm_head(hidden)
+        return logits[:, 0].astype(mx.float32)
+
     def pad_embeddings(self, rows: Sequence[mx.array]) -> Tuple[mx.array, List[int]]:
         """Left-pad (T_i, hidden) rows with the eos embedding, as the release does.
 
