@@ -113,6 +113,10 @@ def test_decode_skips_special_and_visual_ids(official_checkpoint, official_lm):
     assert tokenizer.batch_decode([words, []]) == ["a red sofa", ""]
     # special-token text is split out as transformers does (one id, no pieces of '</s>')
     assert tokenizer.encode("sofa</s>") == tokenizer.encode("sofa") + [ids.eos]
+    spaced = tokenizer.encode("a cat . Is it ?")
+    assert tokenizer.decode(spaced) == "a cat . Is it ?"  # LlamaTokenizer keeps spaces by default
+    tokenizer.clean_up_spaces = True  # tokenizer_config.json: clean_up_tokenization_spaces
+    assert tokenizer.decode(spaced) == "a cat. Is it?"
 
 
 # ----------------------------------------------------------------------------- batching, reference

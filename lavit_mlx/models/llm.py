@@ -386,7 +386,8 @@ class TextTokenizer:
     (`[IMG]`, `[/IMG]`, codes) skipped too.
     """
 
-    def __init__(self, model_file, token_ids: Optional[TokenIds] = None, legacy: bool = True):
+    def __init__(self, model_file, token_ids: Optional[TokenIds] = None, legacy: bool = True,
+                 clean_up_spaces: bool = False):
         import sentencepiece as spm
 
         model_file = Path(model_file)
@@ -407,6 +408,7 @@ class TextTokenizer:
                 f"{model_file}: {self.sp.get_piece_size()} pieces, but the LLM's vocabulary has "
                 f"{self.token_ids.num_text} text ids"
             )
+        self.clean_up_spaces = clean_up_spaces
         ids = self.token_ids
         self.special_ids = {ids.unk, ids.bos, ids.eos, ids.pad}
         specials = sorted({self.sp.id_to_piece(i): i for i in self.special_ids}.items(), key=lambda kv: -len(kv[0]))
@@ -417,11 +419,11 @@ class TextTokenizer:
     def from_folder(cls, folder, token_ids: Optional[TokenIds] = None) -> "TextTokenizer":
         """The tokenizer of a `language_model/` folder (tokenizer.model, tokenizer_config.json)."""
         folder = Path(folder)
-        legacy = True
         config_path = folder / TOKENIZER_CONFIG_FILE
-        if config_path.is_file():
-            legacy = _read_json(config_path).get("legacy", True) is not False
-        return cls(folder / TOKENIZER_FILE, token_ids, legacy=legacy)
+        config = _read_json(config_path) if config_path.is_file() else {}
+        # LlamaTokenizer's defaults in 4.33.2: legacy when unset, no clean-up of spaces.
+        return cls(folder / TOKENIZER_FILE, token_ids, legacy=config.get("legacy", True) is not False,
+                   clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
     @property
     def vocab_size(self) -> int:
@@ -448,7 +450,8 @@ class TextTokenizer:
         # transformers strips the dummy-prefix marker of the first piece itself.
         if pieces[0].startswith("\u2581"):
             pieces[0] = pieces[0][1:]
-        return self.sp.decode_pieces(pieces)
+        text = self.sp.decode_pieces(pieces)
+        return _clean_up_spaces(text) if self.clean_up_spaces else text
 
     def batch_decode(self, rows: Iterable[Iterable[int]]) -> List[str]:
         return [self.decode(r) for r in rows]
@@ -490,3 +493,14 @@ def load_mlx_language_model(
     if token_ids is None:
         token_ids = TokenIds.for_vocab(args.vocab_size)
     return LanguageModel(model, token_ids, str(folder), report)
+
+
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization` (used when tokenizer_config.json asks for it)."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
