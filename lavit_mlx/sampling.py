@@ -176,7 +176,7 @@ def _one_hot(tokens: mx.array, vocab_size: int) -> mx.array:
     return mx.arange(vocab_size)[None] == tokens[:, None]
 
 
-def _set_suppression(lm: LanguageModel, suppress: Optional[Sequence[int]]) -> mx.array:
+def _suppression_mask(lm: LanguageModel, suppress: Optional[Sequence[int]]) -> mx.array:
     ids = visual_suppression(lm.token_ids) if suppress is None else list(suppress)
     return _id_mask(lm.args.vocab_size, ids)
 
@@ -214,7 +214,7 @@ def stream_text(
         raise LaVITError("stream_text decodes with num_beams=1; use beam_search for beams")
     ids = lm.token_ids
     vocab = lm.args.vocab_size
-    suppress_mask = _set_suppression(lm, suppress)
+    suppress_mask = _suppression_mask(lm, suppress)
     eos_mask = _id_mask(vocab, [ids.eos])
     rows = len(inputs_embeds)
     key = _key(seed)
@@ -327,7 +327,7 @@ def beam_search(
         raise LaVITError("beam_search needs num_beams >= 2; use stream_text for greedy or sampling")
     ids = lm.token_ids
     vocab = lm.args.vocab_size
-    suppress_mask = _set_suppression(lm, suppress)
+    suppress_mask = _suppression_mask(lm, suppress)
     allowed = vocab - int(suppress_mask.sum().item())
     if allowed < _CANDIDATES_PER_BEAM * nb:
         raise LaVITError(f"{nb} beams need at least {_CANDIDATES_PER_BEAM * nb} allowed ids, only {allowed} are")
