@@ -70,6 +70,58 @@ MALLOC_TUNING = {
 }
 
 
+_SKINNY_SOURCE = Path(__file__).with_name("native") / "skinny_sgemm.c"
+_SKINNY_OPT_OUT = "LAVIT_NO_SKINNY_SGEMM"
+
+
+def skinny_sgemm_library() -> Optional[str]:
+    """Path of the skinny-GEMM interposer (native/skinny_sgemm.c), built once per machine.
+
+    OpenBLAS packs the whole weight matrix even for a one-row product, which halves the
+    memory bandwidth of LLM decoding; the interposer streams the weights once for
+    products of at most 8 rows and hands every other call on to OpenBLAS. It is compiled
+    with the system C compiler into the user cache (keyed by the source's hash); without
+    a compiler nothing is preloaded and decoding is slower, not wrong.
+    """
+    if os.environ.get(_SKINNY_OPT_OUT) or not _SKINNY_SOURCE.is_file():
+        return None
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    source = _SKINNY_SOURCE.read_bytes()
+    # -march=native: the build belongs to this CPU (a shared home may see other CPUs)
+    try:
+        cpu = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
+    except OSError:
+        cpu = ""
+    digest = hashlib.sha256(source + platform.machine().encode() + cpu.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lavit-mlx"
+    library = cache / f"libskinny_sgemm-{digest}.so"
+    if library.is_file():
+        return str(library)
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".skinny-", suffix=".so", dir=cache)
+        os.close(handle)
+        done = subprocess.run(
+            [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-o", temporary,
+             str(_SKINNY_SOURCE), "-ldl"],
+            capture_output=True, timeout=120,
+        )
+        if done.returncode != 0:
+            os.unlink(temporary)
+            return None
+        os.replace(temporary, library)  # atomic: concurrent builds agree
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return str(library)
+
+
 def fast_runtime_env() -> Optional[Dict[str, str]]:
     """The environment to re-execute with, or None when this process needs no re-execution."""
     if not sys.platform.startswith("linux") or os.environ.get(_OPT_OUT):
@@ -80,7 +132,8 @@ def fast_runtime_env() -> Optional[Dict[str, str]]:
     if library is None or library in os.environ.get("LD_PRELOAD", ""):
         return None
     env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
+    preload = [skinny_sgemm_library(), library, env.get("LD_PRELOAD", "")]
+    env["LD_PRELOAD"] = ":".join(p for p in preload if p)
     env[_REEXEC_FLAG] = "1"
     for key, value in MALLOC_TUNING.items():
         env.setdefault(key, value)
@@ -110,7 +163,9 @@ def blas_report() -> tuple[str, Optional[str]]:
     if kind == "accelerate":
         return "Accelerate (macOS)", None
     if kind == "openblas":
-        return f"OpenBLAS ({find_openblas()})", None
+        skinny = "libskinny_sgemm" in os.environ.get("LD_PRELOAD", "")
+        extra = " + lavit's skinny-GEMM kernel for 1-8 row products" if skinny else ""
+        return f"OpenBLAS ({find_openblas()}){extra}", None
     library = find_openblas()
     if library is None:
         return (
