@@ -16,7 +16,9 @@ compiler for `mx.compile` is unavailable, the uncompiled forms still avoid libm.
 
 from __future__ import annotations
 
+import functools
 import math
+from fractions import Fraction
 
 import mlx.core as mx
 
@@ -113,12 +115,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
 # additive bias, convolutions.
 #
 # MLX compiles a fused elementwise graph into one C++ loop built with plain -O3 (SSE2,
-# no FMA) that runs on one thread, and a floor or a bit cast splits the loop in
-# several. So the exps below use only multiply/add: e^t = (e^(t/32))^32, with
-# e^(t/32) from its degree-9 Taylor polynomial (|t/32| <= 0.94: truncation < 2e-9
-# before squaring; float32 rounding makes it ~2e-6 relative after, a relative error of
-# ~5e-7 in sigmoid and none that matters in softmax weights). Large elementwise passes
-# are split in two halves that run on two CPU streams (two threads).
+# no FMA) that runs on one thread. A floor, a bit cast, `maximum`/`minimum`/`clip` (their
+# NaN test) or `where` keep that loop from vectorising or split it, so the kernels below
+# use only +, -, *, / and abs: clamps are written with abs, and exps are
+# e^t = (e^(t/32))^32 with e^(t/32) from its degree-9 Taylor polynomial (|t/32| <= 0.94:
+# truncation < 2e-9 before squaring; float32 rounding makes it ~5e-6 relative after,
+# i.e. ~1e-6 in sigmoid and nothing that matters in softmax weights). Large
+# elementwise passes are split in two halves that run on two CPU streams (two threads).
 
 _EXP_SQUARINGS = 5
 _SMALL_EXP_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(10))
@@ -135,6 +138,15 @@ def _poly(t: mx.array, coefficients) -> mx.array:
     return result
 
 
+def _at_most(x: mx.array, bound: float) -> mx.array:
+    """min(x, bound) with + and abs (exact up to one rounding of x + bound)."""
+    return 0.5 * ((x + bound) - mx.abs(x - bound))
+
+
+def _at_least(x: mx.array, bound: float) -> mx.array:
+    return 0.5 * ((x + bound) + mx.abs(x - bound))
+
+
 def _exp_by_squaring(t: mx.array) -> mx.array:
     """e^t for t in [-30, 20] with multiplies and adds only."""
     e = _poly(t * (1.0 / 2**_EXP_SQUARINGS), _SMALL_EXP_TAYLOR)
@@ -144,12 +156,26 @@ def _exp_by_squaring(t: mx.array) -> mx.array:
 
 
 def _silu_fast(x: mx.array) -> mx.array:
-    return x / (1.0 + _exp_by_squaring(-mx.clip(x, -_SILU_CLAMP, _SILU_CLAMP)))
+    # Only large positive x needs the bound: for x << 0, e^-x overflows to inf and x / inf = -0.
+    return x / (1.0 + _exp_by_squaring(-_at_most(x, _SILU_CLAMP)))
+
+
+def _softmax_weights(scores: mx.array, row_max: mx.array) -> mx.array:
+    """Unnormalised softmax weights e^(scores - row_max), scores <= row_max."""
+    return _exp_by_squaring(_at_least(scores - row_max, _SOFTMAX_FLOOR))
 
 
 def _softmax_fast(x: mx.array) -> mx.array:
-    e = _exp_by_squaring(mx.maximum(x - mx.max(x, axis=-1, keepdims=True), _SOFTMAX_FLOOR))
+    e = _kernel(_softmax_weights)(x, mx.max(x, axis=-1, keepdims=True))
     return e / mx.sum(e, axis=-1, keepdims=True)
+
+
+def _gelu_gate(hidden: mx.array, gate: mx.array) -> mx.array:
+    """hidden * gelu(gate), exact (erf) GELU with the rational erf of `_erf_poly` above."""
+    z = gate * (1.0 / math.sqrt(2.0))
+    z = _at_least(_at_most(z, _ERF_CLAMP), -_ERF_CLAMP)
+    t = z * z
+    return hidden * (0.5 * gate * (1.0 + z * _poly(t, _ERF_P) / _poly(t, _ERF_Q)))
 
 
 def _affine(x, scale, shift):
@@ -168,16 +194,21 @@ def _centred_square(x, mean):
 _KERNELS: dict = {}
 
 
+def _compiler_available() -> bool:
+    if "available" not in _KERNELS:
+        try:
+            mx.eval(mx.compile(lambda a: a * 2.0 + 1.0)(mx.ones((2,), mx.float32)))
+            _KERNELS["available"] = True
+        except Exception:  # no C++ compiler for MLX's CPU JIT
+            _KERNELS["available"] = False
+    return _KERNELS["available"]
+
+
 def _kernel(fn):
     """`mx.compile(fn)`, made once per function; `fn` itself where no compiler is available."""
     compiled = _KERNELS.get(fn)
     if compiled is None:
-        try:
-            compiled = mx.compile(fn)
-            mx.eval(compiled(*[mx.ones((2,), mx.float32)] * fn.__code__.co_argcount))
-        except Exception:  # no C++ compiler for MLX's CPU JIT
-            compiled = fn
-        _KERNELS[fn] = compiled
+        compiled = _KERNELS[fn] = mx.compile(fn) if _compiler_available() else fn
     return compiled
 
 
@@ -191,14 +222,23 @@ def _side_stream():
 
 
 def _elementwise(fn, x: mx.array, *args: mx.array) -> mx.array:
-    """Compiled `fn(x, *args)` (args broadcast along x's axis 1), halves on two threads when large."""
+    """Compiled `fn(x, *args)`; when large, its halves along axis 1 run on two threads.
+
+    Each arg has x's shape (split with it) or size 1 along axis 1 (broadcast).
+    """
     kernel = _kernel(fn)
     if x.size < _SPLIT_MIN_ELEMENTS or x.ndim < 2 or x.shape[1] < 2:
         return kernel(x, *args)
     half = x.shape[1] // 2
-    first = kernel(x[:, :half], *args)
+
+    def part(a: mx.array, second: bool) -> mx.array:
+        if a.ndim < 2 or a.shape[1] == 1:
+            return a
+        return a[:, half:] if second else a[:, :half]
+
+    first = kernel(part(x, False), *[part(a, False) for a in args])
     with mx.stream(_side_stream()):
-        second = kernel(x[:, half:], *args)
+        second = kernel(part(x, True), *[part(a, True) for a in args])
     return mx.concatenate([first, second], axis=1)
 
 
@@ -261,11 +301,160 @@ def attention_with_bias(
     scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, heads, N, L)
     if bias is not None:
         scores = scores + bias
-    return _elementwise(_softmax_fast, scores) @ v
+    weights = _elementwise(_softmax_weights, scores, mx.max(scores, axis=-1, keepdims=True))
+    # Normalise the (N, head_dim) output rather than the (N, L) weights: fewer divisions.
+    return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
 
 
-def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1, padding: int = 0) -> mx.array:
-    """torch-style conv2d on NHWC input with an (out, kh, kw, in) weight, plus bias."""
+def geglu(hidden: mx.array, gate: mx.array) -> mx.array:
+    """hidden * gelu(gate) (exact GELU), the gated activation of diffusers' GEGLU."""
+    if not _on_cpu(hidden):
+        return hidden * (0.5 * gate * (1.0 + mx.erf(gate * (1.0 / math.sqrt(2.0)))))
+    return _elementwise(_gelu_gate, hidden, gate)
+
+
+# Winograd minimal filtering F(m x m, r x r) (Lavin & Gray 2016): each m x m output tile
+# of a valid r x r correlation is A^T [(G g G^T) * (B^T d B)] A over its n x n input tile d
+# (n = m + r - 1), i.e. n^2 products per tile instead of m^2 r^2, done as n^2 matmuls of
+# (tiles, in) x (in, out). The matrices come from the Cook-Toom construction on the
+# points below (and infinity). F(2x2, 3x3) (0, +-1) stays within ~1e-6 of the direct
+# convolution in float32, F(4x4, 3x3) (0, +-1, +-2) within ~1e-5 and takes 4x fewer
+# products than direct; small maps or few channels use MLX's own convolution, as the
+# transforms then cost more than they save.
+_WINOGRAD_POINTS = {2: (1, -1), 3: (0, 1, -1), 4: (0, 1, -1, 2), 5: (0, 1, -1, 2, -2)}  # by count
+_WINOGRAD_MIN_TILES = 128
+_WINOGRAD_MIN_CHANNELS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def winograd_matrices(m: int, r: int) -> tuple:
+    """(A^T (m x n), G (n x r), B^T (n x n)) of F(m, r) as nested tuples of floats."""
+    points = [Fraction(p) for p in _WINOGRAD_POINTS[m + r - 2]]
+
+    def times(a, b):  # product of polynomials given by ascending coefficients
+        out = [Fraction(0)] * (len(a) + len(b) - 1)
+        for i, x in enumerate(a):
+            for j, y in enumerate(b):
+                out[i + j] += x * y
+        return out
+
+    def vanishing(skip=None):  # prod (x - p) over the points, except `skip`
+        poly = [Fraction(1)]
+        for j, p in enumerate(points):
+            if j != skip:
+                poly = times(poly, [-p, Fraction(1)])
+        return poly
+
+    n = m + r - 1
+    a_t = [[p ** i for p in points] + [Fraction(int(i == m - 1))] for i in range(m)]
+    g = [[p ** k / math.prod(p - q for q in points if q != p) for k in range(r)] for p in points]
+    g.append([Fraction(int(k == r - 1)) for k in range(r)])
+    b_t = [vanishing(j) + [Fraction(0)] for j in range(n - 1)] + [vanishing()]
+    as_float = lambda rows: tuple(tuple(float(x) for x in row) for row in rows)  # noqa: E731
+    return as_float(a_t), as_float(g), as_float(b_t)
+
+
+def _combine(coefficients, values):
+    """sum_i c_i v_i, skipping zeros and using +/- for unit coefficients."""
+    total = None
+    for c, v in zip(coefficients, values):
+        if c == 0:
+            continue
+        if total is None:
+            total = v if c == 1 else (-v if c == -1 else v * c)
+        elif c in (1, -1):
+            total = total + v if c == 1 else total - v
+        else:
+            total = total + v * c
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def _winograd_transforms(m: int, r: int) -> tuple:
+    """The compiled input transform (n^2 tiles views -> n^2 arrays) and output transform
+    (bias, n^2 products -> m^2 outputs, row-major within the tile) of F(m, r)."""
+    a_t, _, b_t = winograd_matrices(m, r)
+    n = m + r - 1
+
+    def input_transform(*views):
+        d = [views[n * i: n * i + n] for i in range(n)]
+        rows = [[_combine(b_t[a], [d[i][j] for i in range(n)]) for j in range(n)] for a in range(n)]
+        return [_combine(b_t[b], rows[a]) for a in range(n) for b in range(n)]
+
+    def output_transform(bias, *products):
+        p = [products[n * i: n * i + n] for i in range(n)]
+        rows = [[_combine(a_t[y], [p[i][j] for i in range(n)]) for j in range(n)] for y in range(m)]
+        return [_combine(a_t[x], rows[y]) + bias for y in range(m) for x in range(m)]
+
+    return _kernel(input_transform), _kernel(output_transform)
+
+
+def winograd_weights(weight: mx.array, m: int) -> list:
+    """(out, r, r, in) kernel -> the n^2 transformed (in, out) matrices G g G^T of F(m, r), row-major."""
+    r = weight.shape[1]
+    _, g, _ = winograd_matrices(m, r)
+    g = mx.array(g, dtype=mx.float32)
+    u = mx.einsum("ai,oijc,bj->abco", g, weight.astype(mx.float32), g).astype(weight.dtype)  # (n, n, in, out)
+    return [u[a, b] for a in range(u.shape[0]) for b in range(u.shape[1])]
+
+
+def winograd_tile(x: mx.array, weight: mx.array, stride: int = 1, padding: int = 1) -> int:
+    """The output tile size m (4 or 2) Winograd should use for this conv, or 0 for a direct conv."""
+    out_channels, kh, kw, in_channels = weight.shape
+    if not (_on_cpu(x) and kh == kw and kh in (2, 3) and stride == 1
+            and min(in_channels, out_channels) >= _WINOGRAD_MIN_CHANNELS):
+        return 0
+    out_h, out_w = x.shape[1] + 2 * padding - kh + 1, x.shape[2] + 2 * padding - kw + 1
+    for m in (4, 2):
+        if m + kh - 2 in _WINOGRAD_POINTS and x.shape[0] * -(-out_h // m) * -(-out_w // m) >= _WINOGRAD_MIN_TILES:
+            return m
+    return 0
+
+
+def winograd_correlate(padded: mx.array, transformed: list, m: int, r: int, bias: mx.array | None,
+                       out_h: int, out_w: int) -> mx.array:
+    """Valid r x r correlation of NHWC `padded` (at least out + r - 1 in each side), F(m, r).
+
+    `padded` may be larger than needed (extra rows/columns are not read into the output).
+    """
+    B, _, _, C = padded.shape
+    n = m + r - 1
+    out_channels = transformed[0].shape[1]
+    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
+    need_h, need_w = m * tiles_h + r - 1, m * tiles_w + r - 1
+    if padded.shape[1] < need_h or padded.shape[2] < need_w:  # whole tiles
+        padded = mx.pad(padded, [(0, 0), (0, max(0, need_h - padded.shape[1])),
+                                 (0, max(0, need_w - padded.shape[2])), (0, 0)])
+    input_transform, output_transform = _winograd_transforms(m, r)
+    views = [padded[:, i: i + m * tiles_h: m, j: j + m * tiles_w: m, :]
+             for i in range(n) for j in range(n)]  # (B, tiles_h, tiles_w, C), tile-corner offsets
+    products = [(v.reshape(-1, C) @ u).reshape(B, tiles_h, tiles_w, out_channels)
+                for v, u in zip(input_transform(*views), transformed)]
+    bias = bias if bias is not None else mx.zeros((out_channels,), padded.dtype)
+    corners = output_transform(bias, *products)  # m^2 x (B, tiles_h, tiles_w, out)
+    out = mx.stack(corners, axis=3).reshape(B, tiles_h, tiles_w, m, m, out_channels)
+    out = out.transpose(0, 1, 3, 2, 4, 5).reshape(B, m * tiles_h, m * tiles_w, out_channels)
+    return out if (m * tiles_h, m * tiles_w) == (out_h, out_w) else out[:, :out_h, :out_w, :]
+
+
+def derived_weights(weight: mx.array, key: tuple) -> list:
+    """A CPU re-arrangement of a conv kernel, by key: ('winograd', m) for `winograd_weights`,
+    ('folded', 0) for `subpixel_kernels`, ('folded-winograd', m) for the Winograd forms of those."""
+    kind, m = key
+    if kind == "winograd":
+        return winograd_weights(weight, m)
+    if kind == "folded":
+        return subpixel_kernels(weight)
+    return [winograd_weights(k, m) for k in subpixel_kernels(weight)]
+
+
+def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1, padding: int = 0,
+           cached=None) -> mx.array:
+    """torch-style conv2d on NHWC input with an (out, kh, kw, in) weight, plus bias.
+
+    `cached(key)` returns `derived_weights(weight, key)` from the caller's cache; without
+    it they are computed per call.
+    """
     out_channels, kh, kw, in_channels = weight.shape
     if kh == kw == 1 and stride == 1 and padding == 0:
         # A 1x1 conv is a matmul over channels.
@@ -273,6 +462,11 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1
         w = weight.reshape(out_channels, in_channels).T
         y = mx.addmm(bias, flat, w) if bias is not None else flat @ w
         return y.reshape(*x.shape[:-1], out_channels)
+    m = winograd_tile(x, weight, stride, padding)
+    if m:
+        transformed = cached(("winograd", m)) if cached else winograd_weights(weight, m)
+        padded = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+        return winograd_correlate(padded, transformed, m, kh, bias, x.shape[1], x.shape[2])
     y = mx.conv2d(x, weight, stride=stride, padding=padding)
     return y + bias if bias is not None else y
 
@@ -282,7 +476,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1
 # upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows (i - 1, i) for a = 0 and
 # (i, i + 1) for a = 1, so kernel rows fold as [w0, w1 + w2] and [w0 + w1, w2]. That is
 # 16 instead of 36 multiply-adds per input pixel and channel pair, and no 4x-sized
-# upsampled copy to unfold.
+# upsampled copy to unfold; large maps run the 2x2 convs as Winograd F(m, 2).
 _ROW_FOLDS = (((0,), (1, 2)), ((0, 1), (2,)))
 
 
@@ -296,20 +490,26 @@ def subpixel_kernels(weight: mx.array) -> list:
     return [fold(fold(weight, 1, _ROW_FOLDS[a]), 2, _ROW_FOLDS[b]) for a in range(2) for b in range(2)]
 
 
-def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, kernels=None) -> mx.array:
+def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, cached=None) -> mx.array:
     """conv2d(nearest_upsample_2x(x), weight, padding=1) + bias for NHWC x.
 
-    `kernels` are `subpixel_kernels(weight)`, passed by callers that cache them.
+    `cached(key)` as for `conv2d`.
     """
+    B, H, W, C = x.shape
     if not _on_cpu(x):
-        B, H, W, C = x.shape
         up = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
         return conv2d(up, weight, bias, padding=1)
-    B, H, W, _ = x.shape
-    kernels = kernels if kernels is not None else subpixel_kernels(weight)
+    get = cached or (lambda key: derived_weights(weight, key))
     padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-    parts = [mx.conv2d(padded[:, a:a + H + 1, b:b + W + 1, :], kernels[2 * a + b])
-             for a in range(2) for b in range(2)]  # each (B, H, W, out)
+    m = winograd_tile(padded[:, 1:, 1:, :], weight[:, :2, :2, :], padding=0)  # valid 2x2 over (H + 1, W + 1)
+    if m:
+        transformed = get(("folded-winograd", m))
+        parts = [winograd_correlate(padded[:, a:, b:, :], transformed[2 * a + b], m, 2, None, H, W)
+                 for a in range(2) for b in range(2)]
+    else:
+        kernels = get(("folded", 0))
+        parts = [mx.conv2d(padded[:, a:a + H + 1, b:b + W + 1, :], kernels[2 * a + b])
+                 for a in range(2) for b in range(2)]  # each (B, H, W, out)
     out = mx.stack(parts, axis=3).reshape(B, H, W, 2, 2, -1)  # (B, H, W, a, b, out)
     out = out.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, -1)
     return out + bias if bias is not None else out

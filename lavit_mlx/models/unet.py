@@ -189,8 +189,32 @@ class UNetConfig:
 
 
 # --------------------------------------------------------------------------- building blocks
+class DerivedWeights:
+    """CPU re-arrangements of a conv kernel (`cpu_math.derived_weights`), kept per key until
+    the weight array is replaced.
+
+    A plain object, not an array container, so MLX does not count it as a parameter.
+    Winograd forms take (n/r)^2 times the kernel's memory: 16/9 for F(2x2, 3x3), 4x for
+    F(4x4, 3x3).
+    """
+
+    def __init__(self):
+        self.weight = None
+        self.values: dict = {}
+
+    def get(self, weight: mx.array, key: tuple) -> list:
+        if self.weight is not weight:
+            self.weight, self.values = weight, {}
+        if key not in self.values:
+            self.values[key] = cpu_math.derived_weights(weight, key)
+        return self.values[key]
+
+
 class Conv2d(nn.Module):
-    """A torch-style 2-D convolution on NHWC input; `weight` is (out, kh, kw, in) as MLX stores it."""
+    """A torch-style 2-D convolution on NHWC input; `weight` is (out, kh, kw, in) as MLX stores it.
+
+    On the CPU, large 3x3 convolutions run as Winograd convolutions (see cpu_math).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = True):
@@ -200,9 +224,13 @@ class Conv2d(nn.Module):
         self.weight = mx.zeros((out_channels, kernel_size, kernel_size, in_channels))
         if bias:
             self.bias = mx.zeros((out_channels,))
+        self.derived = DerivedWeights()
+
+    def cached(self, key: tuple) -> list:
+        return self.derived.get(self.weight, key)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return cpu_math.conv2d(x, self.weight, self.get("bias"), self.stride, self.padding)
+        return cpu_math.conv2d(x, self.weight, self.get("bias"), self.stride, self.padding, self.cached)
 
 
 class GroupNorm(nn.Module):
@@ -274,36 +302,31 @@ def upsample_nearest(x: mx.array, size: Optional[tuple] = None) -> mx.array:
     return mx.take(mx.take(x, rows, axis=1), cols, axis=2)
 
 
-class FoldedKernelCache:
-    """`cpu_math.subpixel_kernels` of the current weight array, remade when the weight changes.
-
-    A plain object, not an array container, so MLX does not count it as a parameter.
-    """
-
-    def __init__(self):
-        self.weight = None
-        self.kernels = None
-
-    def get(self, weight: mx.array) -> list:
-        if self.weight is not weight:
-            self.weight, self.kernels = weight, cpu_math.subpixel_kernels(weight)
-        return self.kernels
-
-
 class Upsample2D(nn.Module):
-    """Nearest 2x upsampling, then a 3x3 conv (as one folded conv on the CPU, see cpu_math)."""
+    """Nearest 2x upsampling, then a 3x3 conv (as four folded 2x2 convs on the CPU, see cpu_math)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
-        self.folded = FoldedKernelCache()
 
     def __call__(self, x: mx.array, size: Optional[tuple] = None) -> mx.array:
         B, H, W, _ = x.shape
         if size is not None and tuple(size) != (2 * H, 2 * W):
             return self.conv(upsample_nearest(x, size))
-        kernels = self.folded.get(self.conv.weight) if cpu_math.on_cpu(x) else None
-        return cpu_math.upsample2x_conv3x3(x, self.conv.weight, self.conv.get("bias"), kernels)
+        return cpu_math.upsample2x_conv3x3(x, self.conv.weight, self.conv.get("bias"), self.conv.cached)
+
+
+@dataclass
+class UNetContext:
+    """A conditioning projected once: each cross-attention's keys and values, and the mask bias.
+
+    Made by `UNet2DConditionModel.prepare_context`; pass it as `encoder_hidden_states` to
+    reuse the projections across denoising steps (they do not depend on the latents).
+    """
+
+    keys_values: dict  # id(cross-attention module) -> (k, v), each (B, heads, L, head_dim)
+    bias: Optional[mx.array]  # (B, 1, 1, L) additive mask bias, or None
+    batch: int
 
 
 class Attention(nn.Module):
@@ -320,14 +343,18 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = [nn.Linear(inner, query_dim)]  # to_out.1 is dropout
 
-    def __call__(self, x: mx.array, context: Optional[mx.array] = None,
-                 bias: Optional[mx.array] = None) -> mx.array:
-        """x: (B, N, query_dim); context: (B, L, context_dim); bias: additive, (B, 1, 1, L)."""
-        context = x if context is None else context
-        h = self.heads
-        q = split_heads(self.to_q(x), h)  # (B, heads, N, head_dim)
-        k = split_heads(self.to_k(context), h)  # (B, heads, L, head_dim)
-        v = split_heads(self.to_v(context), h)
+    def project_context(self, context: mx.array) -> tuple:
+        """(k, v) of a (B, L, context_dim) context, each (B, heads, L, head_dim)."""
+        return split_heads(self.to_k(context), self.heads), split_heads(self.to_v(context), self.heads)
+
+    def __call__(self, x: mx.array, context=None, bias: Optional[mx.array] = None) -> mx.array:
+        """x: (B, N, query_dim); context: (B, L, context_dim), a UNetContext, or None (self-attention);
+        bias: additive, (B, 1, 1, L)."""
+        if isinstance(context, UNetContext):
+            k, v = context.keys_values[id(self)]
+        else:
+            k, v = self.project_context(x if context is None else context)
+        q = split_heads(self.to_q(x), self.heads)  # (B, heads, N, head_dim)
         return self.to_out[0](merge_heads(cpu_math.attention_with_bias(q, k, v, self.scale, bias)))
 
 
@@ -338,7 +365,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
-        return hidden * cpu_math.gelu(gate)
+        return cpu_math.geglu(hidden, gate)
 
 
 class Dropout(nn.Module):
@@ -559,7 +586,7 @@ class UNet2DConditionModel(nn.Module):
         self,
         sample: mx.array,
         timestep,
-        encoder_hidden_states: mx.array,
+        encoder_hidden_states: Union[mx.array, UNetContext],
         encoder_attention_mask: Optional[mx.array] = None,
         text_embeds: Optional[mx.array] = None,
         time_ids: Optional[mx.array] = None,
@@ -569,7 +596,8 @@ class UNet2DConditionModel(nn.Module):
         Args:
             sample: (B, in_channels, H, W) latents, NCHW (mx.array or numpy).
             timestep: a number, or (B,) / () array; may be fractional.
-            encoder_hidden_states: (B, L, cross_attention_dim) context.
+            encoder_hidden_states: (B, L, cross_attention_dim) context, or a UNetContext
+                from `prepare_context` (then the mask goes there).
             encoder_attention_mask: optional (B, L) mask, True/1 = attend.
             text_embeds, time_ids: SDXL's pooled text embedding (B, D) and (B, 6) size/crop
                 ids; required when addition_embed_type is 'text_time'.
@@ -582,11 +610,16 @@ class UNet2DConditionModel(nn.Module):
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         batch = x.shape[0]
-        context = as_mx(encoder_hidden_states, dtype)
-        context_bias = None
-        if encoder_attention_mask is not None:
-            keep = as_mx(encoder_attention_mask).astype(dtype)
-            context_bias = ((1 - keep) * MASK_BIAS)[:, None, None, :]  # (B, 1, 1, L)
+        if isinstance(encoder_hidden_states, UNetContext):
+            if encoder_attention_mask is not None:
+                raise LaVITError("pass encoder_attention_mask to prepare_context, not with a prepared context")
+            if encoder_hidden_states.batch != batch:
+                raise LaVITError(f"the prepared context has batch {encoder_hidden_states.batch}, "
+                                 f"the latents {batch}")
+            context, context_bias = encoder_hidden_states, encoder_hidden_states.bias
+        else:
+            context = as_mx(encoder_hidden_states, dtype)
+            context_bias = self.mask_bias(encoder_attention_mask)
         temb_act = cpu_math.silu(self.time_embed(timestep, batch, text_embeds, time_ids))
 
         # Latent sizes that the down path cannot halve exactly: upsample back to the skip's size.
@@ -607,6 +640,29 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_out(self.conv_norm_out(x, silu=True))
         return x.transpose(0, 3, 1, 2)
 
+    def mask_bias(self, encoder_attention_mask) -> Optional[mx.array]:
+        """(B, L) keep-mask (True/1 = attend) -> additive (B, 1, 1, L) bias, as diffusers."""
+        if encoder_attention_mask is None:
+            return None
+        keep = as_mx(encoder_attention_mask).astype(self.conv_in.weight.dtype)
+        return ((1 - keep) * MASK_BIAS)[:, None, None, :]
+
+    def prepare_context(self, encoder_hidden_states, encoder_attention_mask=None) -> UNetContext:
+        """Project the conditioning for every cross-attention once (reusable for all steps).
+
+        Args:
+            encoder_hidden_states: (B, L, cross_attention_dim).
+            encoder_attention_mask: optional (B, L) mask, True/1 = attend.
+        Returns:
+            A UNetContext to pass as `encoder_hidden_states`; results equal passing the arrays.
+        """
+        context = as_mx(encoder_hidden_states, self.conv_in.weight.dtype)
+        keys_values = {
+            id(module.attn2): module.attn2.project_context(context)
+            for _, module in self.named_modules() if isinstance(module, BasicTransformerBlock)
+        }
+        return UNetContext(keys_values, self.mask_bias(encoder_attention_mask), context.shape[0])
+
     def sanitize(self, weights: Weights, source_layout: str = "torch") -> Weights:
         """diffusers state dict -> this module's layout: conv weights (O, I, kh, kw) -> (O, kh, kw, I).
 
@@ -626,7 +682,8 @@ def sanitize_conv_weights(model: nn.Module, weights: Weights, source_layout: str
     for key, value in weights.items():
         want = expected.get(key)
         if want is not None and value.ndim == 4:
-            converted = value.transpose(0, 2, 3, 1)  # (O, I, kh, kw) -> (O, kh, kw, I)
+            # (O, I, kh, kw) -> (O, kh, kw, I), copied: a strided view would be re-copied by every conv.
+            converted = mx.contiguous(value.transpose(0, 2, 3, 1))
             fits_as_is, fits_converted = tuple(value.shape) == want, tuple(converted.shape) == want
             if fits_converted and (not fits_as_is or source_layout == "torch"):
                 value = converted
