@@ -272,3 +272,122 @@ def test_config_ignores_unknown_keys_and_reads_heads_quirk():
     assert model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 2
     assert model.up_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 2
     assert model.mid_block.attentions[0].transformer_blocks[0].attn1.heads == 4
+
+
+# ------------------------------------------------------------------------- CPU kernels
+# The CPU paths of cpu_math (Winograd, folded upsampling, per-tap and unfolded convs,
+# fused GroupNorm/SiLU, softmax attention) against plain MLX/torch computations, at
+# sizes that select each path.
+CONV_CASES = [
+    # (batch, H, W, in, out, kernel, padding, expected path)
+    (1, 64, 72, 64, 96, 3, 1, "winograd-4"),  # F(4x4, 3x3)
+    (2, 17, 23, 256, 128, 3, 1, "winograd-2"),  # F(2x2, 3x3), odd sizes (partial tiles)
+    (2, 9, 11, 16, 24, 3, 1, "direct"),
+    (2, 64, 66, 32, 3, 3, 1, "per-tap"),  # few outputs on a large map
+    (2, 10, 12, 4, 40, 3, 1, "unfold"),  # few inputs (conv_in)
+    (2, 12, 10, 24, 16, 1, 0, "matmul"),
+]
+
+
+@pytest.mark.parametrize("batch,h,w,cin,cout,k,pad,path", CONV_CASES)
+def test_cpu_conv_paths_match_mlx_conv(batch, h, w, cin, cout, k, pad, path):
+    from lavit_mlx.models import cpu_math
+
+    rng = np.random.default_rng(cin + cout)
+    x = mx.array(rng.standard_normal((batch, h, w, cin)).astype(np.float32))
+    weight = mx.array((rng.standard_normal((cout, k, k, cin)) / np.sqrt(k * k * cin)).astype(np.float32))
+    bias = mx.array(rng.standard_normal(cout).astype(np.float32))
+    expected_tile = {"winograd-4": 4, "winograd-2": 2}.get(path, 0)
+    assert cpu_math.winograd_tile(x, weight, 1, pad) == expected_tile
+    reference = mx.conv2d(x, weight, padding=pad) + bias
+    tol = 5e-5 if path == "winograd-4" else 5e-6  # F(4x4) rounds at ~1e-5 in float32
+    assert max_rel(cpu_math.conv2d(x, weight, bias, 1, pad), reference) <= tol
+
+
+@pytest.mark.parametrize("batch,h,w,channels,tile", [(1, 48, 50, 64, 4), (1, 40, 36, 64, 2), (2, 9, 13, 128, 0),
+                                                      (2, 5, 4, 8, 0)])
+def test_folded_upsample_conv_matches_upsample_then_conv(batch, h, w, channels, tile):
+    from lavit_mlx.models import cpu_math
+    from lavit_mlx.models.unet import upsample_nearest
+
+    rng = np.random.default_rng(channels)
+    x = mx.array(rng.standard_normal((batch, h, w, channels)).astype(np.float32))
+    weight = mx.array((rng.standard_normal((channels, 3, 3, channels)) / np.sqrt(9 * channels)).astype(np.float32))
+    bias = mx.array(rng.standard_normal(channels).astype(np.float32))
+    # The four folded 2x2 convs read the input padded by one: (H + 1, W + 1) valid windows.
+    assert cpu_math.winograd_tile(mx.zeros((batch, h + 1, w + 1, channels)), weight[:, :2, :2, :], 1, 0) == tile
+    reference = mx.conv2d(upsample_nearest(x), weight, padding=1) + bias
+    assert max_rel(cpu_math.upsample2x_conv3x3(x, weight, bias), reference) <= 5e-5
+
+
+@pytest.mark.parametrize("shape,groups,silu", [((1, 64, 64, 128), 32, True), ((2, 6, 10, 32), 8, False),
+                                               ((2, 7, 64), 4, True)])
+def test_group_norm_silu_matches_torch(shape, groups, silu):
+    torch = pytest.importorskip("torch")
+    from lavit_mlx.models import cpu_math
+
+    rng = np.random.default_rng(len(shape))
+    x = (rng.standard_normal(shape) * 3 + 1.5).astype(np.float32)  # mean far from 0
+    gamma, beta = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+    norm = torch.nn.GroupNorm(groups, shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(gamma))
+        norm.bias.copy_(torch.from_numpy(beta))
+        channels_first = torch.from_numpy(x).movedim(-1, 1)
+        ref = norm(channels_first)
+        ref = (torch.nn.functional.silu(ref) if silu else ref).movedim(1, -1).numpy()
+    out = cpu_math.group_norm(mx.array(x), mx.array(gamma), mx.array(beta), groups, 1e-6, silu)
+    assert max_rel(out, ref) <= 1e-5
+
+
+def test_silu_geglu_attention_match_torch():
+    torch = pytest.importorskip("torch")
+    from lavit_mlx.models import cpu_math
+
+    x = np.linspace(-60, 60, 600_000, dtype=np.float32).reshape(2, -1)  # large enough to split
+    silu = torch.nn.functional.silu(torch.from_numpy(x).double()).numpy()
+    assert np.abs(np.array(cpu_math.silu(mx.array(x))) - silu).max() <= 2e-6 * np.abs(x).max()
+    gate = np.cos(x)
+    geglu = (torch.from_numpy(gate).double() * torch.nn.functional.gelu(torch.from_numpy(x).double())).numpy()
+    assert np.abs(np.array(cpu_math.geglu(mx.array(gate), mx.array(x))) - geglu).max() <= 1e-6 * np.abs(x).max()
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 4, n, 16)).astype(np.float32) * s for n, s in ((300, 1), (90, 3), (90, 1)))
+    keep = np.ones((2, 90), dtype=bool)
+    keep[0, 40:] = False
+    bias = ((1.0 - keep) * -10000.0).astype(np.float32)[:, None, None, :]
+    with torch.no_grad():
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(torch.from_numpy(a) for a in (q, k, v)), attn_mask=torch.from_numpy(bias), scale=0.25).numpy()
+    out = cpu_math.attention_with_bias(mx.array(q), mx.array(k), mx.array(v), 0.25, mx.array(bias))
+    assert max_rel(out, ref) <= 1e-5
+
+
+def test_matches_diffusers_at_winograd_sizes(tmp_path):
+    """A UNet whose 3x3 convs and upsampling take the Winograd paths on the CPU."""
+    case = dict(
+        config=dict(BASE, block_out_channels=(64, 128),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                    attention_head_dim=2, use_linear_projection=True, cross_attention_dim=32),
+        latent=(2, 32, 32), context_len=4, mask=False, timestep=300)
+    model = random_diffusers_unet(case["config"], 7)
+    model.save_pretrained(str(tmp_path))
+    inputs = case_inputs(case, 7)
+    unet = load_unet(tmp_path)
+    from lavit_mlx.models import cpu_math
+
+    resnet_conv = unet.down_blocks[0].resnets[0].conv1
+    assert cpu_math.winograd_tile(mx.zeros((2, 32, 32, 64)), resnet_conv.weight, 1, 1) == 4
+    assert max_rel(run_ours(unet, case, inputs), run_diffusers(model, case, inputs)) <= TOL
+
+
+def test_prepared_context_gives_the_same_prediction(diffusers_unets):
+    name = "three_levels_list_heads_linear"
+    folder, reference, inputs = diffusers_unets[name]
+    unet = load_unet(folder)
+    prepared = unet.prepare_context(inputs["context"], inputs["mask"])
+    out = unet(inputs["sample"], CASES[name]["timestep"], prepared)
+    assert max_rel(out, reference) <= TOL
+    with pytest.raises(LaVITError, match="prepare_context"):
+        unet(inputs["sample"], 1, prepared, encoder_attention_mask=inputs["mask"])

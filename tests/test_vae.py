@@ -37,6 +37,8 @@ CASES = {
     # Three levels, two layers per block, quant convs, mid attention; non-square images.
     "three_levels": dict(block_out_channels=(16, 32, 32), layers_per_block=2, image=(2, 24, 16)),
     # No quant convs, no mid-block attention, other latent width, one level of downsampling.
+    # Wide enough and large enough for the CPU's Winograd convolutions and folded upsampling.
+    "winograd_sizes": dict(block_out_channels=(64, 64), layers_per_block=1, image=(1, 64, 64)),
     "no_quant_no_attention": dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=3,
                                   use_quant_conv=False, use_post_quant_conv=False,
                                   mid_block_add_attention=False, image=(3, 16, 16)),

@@ -165,11 +165,6 @@ def _softmax_weights(scores: mx.array, row_max: mx.array) -> mx.array:
     return _exp_by_squaring(_at_least(scores - row_max, _SOFTMAX_FLOOR))
 
 
-def _softmax_fast(x: mx.array) -> mx.array:
-    e = _kernel(_softmax_weights)(x, mx.max(x, axis=-1, keepdims=True))
-    return e / mx.sum(e, axis=-1, keepdims=True)
-
-
 def _gelu_gate(hidden: mx.array, gate: mx.array) -> mx.array:
     """hidden * gelu(gate), exact (erf) GELU with the rational erf of `_erf_poly` above."""
     z = gate * (1.0 / math.sqrt(2.0))
@@ -240,11 +235,6 @@ def _elementwise(fn, x: mx.array, *args: mx.array) -> mx.array:
     with mx.stream(_side_stream()):
         second = kernel(part(x, True), *[part(a, True) for a in args])
     return mx.concatenate([first, second], axis=1)
-
-
-def on_cpu(x: mx.array) -> bool:
-    """Whether `x` is computed by this module's CPU kernels (float32 on the CPU device)."""
-    return _on_cpu(x)
 
 
 def silu(x: mx.array) -> mx.array:
@@ -322,8 +312,13 @@ def geglu(hidden: mx.array, gate: mx.array) -> mx.array:
 # products than direct; small maps or few channels use MLX's own convolution, as the
 # transforms then cost more than they save.
 _WINOGRAD_POINTS = {2: (1, -1), 3: (0, 1, -1), 4: (0, 1, -1, 2), 5: (0, 1, -1, 2, -2)}  # by count
-_WINOGRAD_MIN_TILES = 128
+_WINOGRAD_MIN_TILES = 128  # for F(4x4): below this the 36 small matmuls lose to one direct conv
+_WINOGRAD_MIN_WORK = 16384  # for F(2x2): tiles x min(in, out) channels
 _WINOGRAD_MIN_CHANNELS = 64
+_WINOGRAD_SPLIT_WORK = 1 << 19  # tiles x in channels from which the transforms use two threads
+_IM2COL_MAX_DEPTH = 64  # kernel taps x input channels up to which an explicit im2col matmul wins
+_SHIFT_MAX_OUT = 16  # output channels up to which a large map uses one matmul per kernel tap
+_SHIFT_MIN_PIXELS = 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -405,10 +400,19 @@ def winograd_tile(x: mx.array, weight: mx.array, stride: int = 1, padding: int =
             and min(in_channels, out_channels) >= _WINOGRAD_MIN_CHANNELS):
         return 0
     out_h, out_w = x.shape[1] + 2 * padding - kh + 1, x.shape[2] + 2 * padding - kw + 1
-    for m in (4, 2):
-        if m + kh - 2 in _WINOGRAD_POINTS and x.shape[0] * -(-out_h // m) * -(-out_w // m) >= _WINOGRAD_MIN_TILES:
-            return m
+
+    def tiles(m: int) -> int:
+        return x.shape[0] * -(-out_h // m) * -(-out_w // m)
+
+    if _m_available(4, kh) and tiles(4) >= _WINOGRAD_MIN_TILES:
+        return 4
+    if _m_available(2, kh) and tiles(2) * min(in_channels, out_channels) >= _WINOGRAD_MIN_WORK:
+        return 2
     return 0
+
+
+def _m_available(m: int, r: int) -> bool:
+    return m + r - 2 in _WINOGRAD_POINTS
 
 
 def winograd_correlate(padded: mx.array, transformed: list, m: int, r: int, bias: mx.array | None,
@@ -426,14 +430,31 @@ def winograd_correlate(padded: mx.array, transformed: list, m: int, r: int, bias
         padded = mx.pad(padded, [(0, 0), (0, max(0, need_h - padded.shape[1])),
                                  (0, max(0, need_w - padded.shape[2])), (0, 0)])
     input_transform, output_transform = _winograd_transforms(m, r)
-    views = [padded[:, i: i + m * tiles_h: m, j: j + m * tiles_w: m, :]
-             for i in range(n) for j in range(n)]  # (B, tiles_h, tiles_w, C), tile-corner offsets
-    products = [(v.reshape(-1, C) @ u).reshape(B, tiles_h, tiles_w, out_channels)
-                for v, u in zip(input_transform(*views), transformed)]
     bias = bias if bias is not None else mx.zeros((out_channels,), padded.dtype)
-    corners = output_transform(bias, *products)  # m^2 x (B, tiles_h, tiles_w, out)
-    out = mx.stack(corners, axis=3).reshape(B, tiles_h, tiles_w, m, m, out_channels)
-    out = out.transpose(0, 1, 3, 2, 4, 5).reshape(B, m * tiles_h, m * tiles_w, out_channels)
+
+    def tile_rows(start: int, stop: int) -> mx.array:  # output rows of tile rows [start, stop)
+        rows = stop - start
+        views = [padded[:, m * start + i: m * stop + i: m, j: j + m * tiles_w: m, :]
+                 for i in range(n) for j in range(n)]  # (B, rows, tiles_w, C), tile-corner offsets
+        transformed_input = input_transform(*views)
+        with mx.stream(mx.default_stream(mx.cpu)):  # matmuls on the main stream: BLAS has the threads
+            products = [(v.reshape(-1, C) @ u).reshape(B, rows, tiles_w, out_channels)
+                        for v, u in zip(transformed_input, transformed)]
+        corners = output_transform(bias, *products)  # m^2 x (B, rows, tiles_w, out)
+        out = mx.stack(corners, axis=3).reshape(B, rows, tiles_w, m, m, out_channels)
+        return out.transpose(0, 1, 3, 2, 4, 5).reshape(B, m * rows, m * tiles_w, out_channels)
+
+    tiles = B * tiles_h * tiles_w
+    if tiles_h >= 2 and tiles * C >= _WINOGRAD_SPLIT_WORK:
+        # Transforms and interleaving are single-threaded elementwise passes: the second
+        # half's run on a second thread while the first half's run here.
+        half = tiles_h // 2
+        first = tile_rows(0, half)
+        with mx.stream(_side_stream()):
+            second = tile_rows(half, tiles_h)
+        out = mx.concatenate([first, second], axis=1)
+    else:
+        out = tile_rows(0, tiles_h)
     return out if (m * tiles_h, m * tiles_w) == (out_h, out_w) else out[:, :out_h, :out_w, :]
 
 
@@ -467,6 +488,31 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1
         transformed = cached(("winograd", m)) if cached else winograd_weights(weight, m)
         padded = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
         return winograd_correlate(padded, transformed, m, kh, bias, x.shape[1], x.shape[2])
+    B, H, W, _ = x.shape
+    if (_on_cpu(x) and stride == 1 and out_channels <= _SHIFT_MAX_OUT and H * W >= _SHIFT_MIN_PIXELS
+            and 2 * padding == kh - 1 == kw - 1):
+        # Few output channels on a large map (the VAE's conv_out): MLX unfolds kh*kw copies of
+        # the input for one thin matmul. Instead, on the padded image flattened to rows of
+        # width W + 2p, tap (i, j) of every output pixel is the same row offset i (W + 2p) + j:
+        # one matmul per tap over a contiguous slice, summed; the 2p extra columns are dropped.
+        row = W + 2 * padding
+        flat = mx.pad(x, [(0, 0), (padding, padding + 1), (padding, padding), (0, 0)]).reshape(B, -1, in_channels)
+        total = None
+        for i in range(kh):
+            for j in range(kw):
+                tap = flat[:, i * row + j: i * row + j + H * row, :] @ weight[:, i, j, :].T  # (B, H * row, out)
+                total = tap if total is None else total + tap
+        y = total.reshape(B, H, row, out_channels)[:, :, :W, :]
+        return y + bias if bias is not None else y
+    if _on_cpu(x) and stride == 1 and kh * kw * in_channels <= _IM2COL_MAX_DEPTH:
+        # Few input channels (the UNet's conv_in): MLX's conv is slow there; unfold and matmul.
+        out_h, out_w = H + 2 * padding - kh + 1, W + 2 * padding - kw + 1
+        padded = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+        columns = mx.concatenate([padded[:, i:i + out_h, j:j + out_w, :] for i in range(kh) for j in range(kw)],
+                                 axis=-1).reshape(-1, kh * kw * in_channels)  # (pixels, taps x in)
+        w = weight.reshape(out_channels, -1).T
+        y = mx.addmm(bias, columns, w) if bias is not None else columns @ w
+        return y.reshape(B, out_h, out_w, out_channels)
     y = mx.conv2d(x, weight, stride=stride, padding=padding)
     return y + bias if bias is not None else y
 
