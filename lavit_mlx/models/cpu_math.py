@@ -312,10 +312,11 @@ def geglu(hidden: mx.array, gate: mx.array) -> mx.array:
 # products than direct; small maps or few channels use MLX's own convolution, as the
 # transforms then cost more than they save.
 _WINOGRAD_POINTS = {2: (1, -1), 3: (0, 1, -1), 4: (0, 1, -1, 2), 5: (0, 1, -1, 2, -2)}  # by count
-_WINOGRAD_MIN_TILES = 128  # for F(4x4): below this the 36 small matmuls lose to one direct conv
-_WINOGRAD_MIN_WORK = 16384  # for F(2x2): tiles x min(in, out) channels
+# Where Winograd beats MLX's convolution (measured on 2 cores; "work" = tiles x min(in, out)):
+_WINOGRAD_MIN_TILES_4 = 32  # F(4x4) below this: the n^2 thin matmuls lose
+_WINOGRAD_MIN_WORK_4 = 10240
+_WINOGRAD_MIN_WORK_2 = 40960
 _WINOGRAD_MIN_CHANNELS = 64
-_WINOGRAD_SPLIT_WORK = 1 << 19  # tiles x in channels from which the transforms use two threads
 _IM2COL_MAX_DEPTH = 64  # kernel taps x input channels up to which an explicit im2col matmul wins
 _SHIFT_MAX_OUT = 16  # output channels up to which a large map uses one matmul per kernel tap
 _SHIFT_MIN_PIXELS = 4096
@@ -349,48 +350,27 @@ def winograd_matrices(m: int, r: int) -> tuple:
     return as_float(a_t), as_float(g), as_float(b_t)
 
 
-def _combine(coefficients, values):
-    """sum_i c_i v_i, skipping zeros and using +/- for unit coefficients."""
-    total = None
-    for c, v in zip(coefficients, values):
-        if c == 0:
-            continue
-        if total is None:
-            total = v if c == 1 else (-v if c == -1 else v * c)
-        elif c in (1, -1):
-            total = total + v if c == 1 else total - v
-        else:
-            total = total + v * c
-    return total
-
-
 @functools.lru_cache(maxsize=None)
-def _winograd_transforms(m: int, r: int) -> tuple:
-    """The compiled input transform (n^2 tiles views -> n^2 arrays) and output transform
-    (bias, n^2 products -> m^2 outputs, row-major within the tile) of F(m, r)."""
+def _winograd_tile_transforms(m: int, r: int) -> tuple:
+    """(B^T (x) B^T, A^T (x) A^T): the input and output transforms of F(m, r) for a whole
+    tile flattened row-major, (n^2, n^2) and (m^2, n^2). Applied as matmuls: BLAS runs them
+    vectorised on all threads, where a compiled elementwise kernel would run on one."""
     a_t, _, b_t = winograd_matrices(m, r)
-    n = m + r - 1
+    a_t, b_t = mx.array(a_t, dtype=mx.float32), mx.array(b_t, dtype=mx.float32)
 
-    def input_transform(*views):
-        d = [views[n * i: n * i + n] for i in range(n)]
-        rows = [[_combine(b_t[a], [d[i][j] for i in range(n)]) for j in range(n)] for a in range(n)]
-        return [_combine(b_t[b], rows[a]) for a in range(n) for b in range(n)]
+    def kron(a: mx.array) -> mx.array:
+        return (a[:, None, :, None] * a[None, :, None, :]).reshape(a.shape[0] ** 2, a.shape[1] ** 2)
 
-    def output_transform(bias, *products):
-        p = [products[n * i: n * i + n] for i in range(n)]
-        rows = [[_combine(a_t[y], [p[i][j] for i in range(n)]) for j in range(n)] for y in range(m)]
-        return [_combine(a_t[x], rows[y]) + bias for y in range(m) for x in range(m)]
-
-    return _kernel(input_transform), _kernel(output_transform)
+    return kron(b_t), kron(a_t)
 
 
-def winograd_weights(weight: mx.array, m: int) -> list:
-    """(out, r, r, in) kernel -> the n^2 transformed (in, out) matrices G g G^T of F(m, r), row-major."""
+def winograd_weights(weight: mx.array, m: int) -> mx.array:
+    """(out, r, r, in) kernel -> (n^2, in, out): G g G^T of F(m, r) for each tile position, row-major."""
     r = weight.shape[1]
     _, g, _ = winograd_matrices(m, r)
     g = mx.array(g, dtype=mx.float32)
     u = mx.einsum("ai,oijc,bj->abco", g, weight.astype(mx.float32), g).astype(weight.dtype)  # (n, n, in, out)
-    return [u[a, b] for a in range(u.shape[0]) for b in range(u.shape[1])]
+    return mx.contiguous(u.reshape(-1, *u.shape[2:]))
 
 
 def winograd_tile(x: mx.array, weight: mx.array, stride: int = 1, padding: int = 1) -> int:
@@ -404,9 +384,10 @@ def winograd_tile(x: mx.array, weight: mx.array, stride: int = 1, padding: int =
     def tiles(m: int) -> int:
         return x.shape[0] * -(-out_h // m) * -(-out_w // m)
 
-    if _m_available(4, kh) and tiles(4) >= _WINOGRAD_MIN_TILES:
+    channels = min(in_channels, out_channels)
+    if _m_available(4, kh) and tiles(4) >= _WINOGRAD_MIN_TILES_4 and tiles(4) * channels >= _WINOGRAD_MIN_WORK_4:
         return 4
-    if _m_available(2, kh) and tiles(2) * min(in_channels, out_channels) >= _WINOGRAD_MIN_WORK:
+    if _m_available(2, kh) and tiles(2) * channels >= _WINOGRAD_MIN_WORK_2:
         return 2
     return 0
 
@@ -415,50 +396,34 @@ def _m_available(m: int, r: int) -> bool:
     return m + r - 2 in _WINOGRAD_POINTS
 
 
-def winograd_correlate(padded: mx.array, transformed: list, m: int, r: int, bias: mx.array | None,
+def winograd_correlate(padded: mx.array, transformed: mx.array, m: int, r: int, bias: mx.array | None,
                        out_h: int, out_w: int) -> mx.array:
-    """Valid r x r correlation of NHWC `padded` (at least out + r - 1 in each side), F(m, r).
+    """Valid r x r correlation of NHWC `padded` with F(m, r); `transformed` from `winograd_weights`.
 
-    `padded` may be larger than needed (extra rows/columns are not read into the output).
+    `padded` may be larger than out + r - 1 (extra rows/columns are not read).
     """
     B, _, _, C = padded.shape
     n = m + r - 1
-    out_channels = transformed[0].shape[1]
+    out_channels = transformed.shape[-1]
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     need_h, need_w = m * tiles_h + r - 1, m * tiles_w + r - 1
     if padded.shape[1] < need_h or padded.shape[2] < need_w:  # whole tiles
         padded = mx.pad(padded, [(0, 0), (0, max(0, need_h - padded.shape[1])),
                                  (0, max(0, need_w - padded.shape[2])), (0, 0)])
-    input_transform, output_transform = _winograd_transforms(m, r)
-    bias = bias if bias is not None else mx.zeros((out_channels,), padded.dtype)
-
-    def tile_rows(start: int, stop: int) -> mx.array:  # output rows of tile rows [start, stop)
-        rows = stop - start
-        views = [padded[:, m * start + i: m * stop + i: m, j: j + m * tiles_w: m, :]
-                 for i in range(n) for j in range(n)]  # (B, rows, tiles_w, C), tile-corner offsets
-        transformed_input = input_transform(*views)
-        with mx.stream(mx.default_stream(mx.cpu)):  # matmuls on the main stream: BLAS has the threads
-            products = [(v.reshape(-1, C) @ u).reshape(B, rows, tiles_w, out_channels)
-                        for v, u in zip(transformed_input, transformed)]
-        corners = output_transform(bias, *products)  # m^2 x (B, rows, tiles_w, out)
-        out = mx.stack(corners, axis=3).reshape(B, rows, tiles_w, m, m, out_channels)
-        return out.transpose(0, 1, 3, 2, 4, 5).reshape(B, m * rows, m * tiles_w, out_channels)
-
-    tiles = B * tiles_h * tiles_w
-    if tiles_h >= 2 and tiles * C >= _WINOGRAD_SPLIT_WORK:
-        # Transforms and interleaving are single-threaded elementwise passes: the second
-        # half's run on a second thread while the first half's run here.
-        half = tiles_h // 2
-        first = tile_rows(0, half)
-        with mx.stream(_side_stream()):
-            second = tile_rows(half, tiles_h)
-        out = mx.concatenate([first, second], axis=1)
-    else:
-        out = tile_rows(0, tiles_h)
-    return out if (m * tiles_h, m * tiles_w) == (out_h, out_w) else out[:, :out_h, :out_w, :]
+    input_transform, output_transform = _winograd_tile_transforms(m, r)
+    # Tile position (i, j) of every tile: (n^2, B * tiles_h * tiles_w * C).
+    tiles = mx.stack([padded[:, i: i + m * tiles_h: m, j: j + m * tiles_w: m, :]
+                      for i in range(n) for j in range(n)], axis=0).reshape(n * n, -1)
+    transformed_input = (input_transform @ tiles).reshape(n * n, -1, C)  # (n^2, tiles, C)
+    products = transformed_input @ transformed  # (n^2, tiles, out)
+    corners = (output_transform @ products.reshape(n * n, -1)).reshape(m, m, B, tiles_h, tiles_w, out_channels)
+    out = corners.transpose(2, 3, 0, 4, 1, 5).reshape(B, m * tiles_h, m * tiles_w, out_channels)
+    if (m * tiles_h, m * tiles_w) != (out_h, out_w):
+        out = out[:, :out_h, :out_w, :]
+    return out + bias if bias is not None else out
 
 
-def derived_weights(weight: mx.array, key: tuple) -> list:
+def derived_weights(weight: mx.array, key: tuple):
     """A CPU re-arrangement of a conv kernel, by key: ('winograd', m) for `winograd_weights`,
     ('folded', 0) for `subpixel_kernels`, ('folded-winograd', m) for the Winograd forms of those."""
     kind, m = key
