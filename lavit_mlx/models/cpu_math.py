@@ -425,13 +425,14 @@ def winograd_correlate(padded: mx.array, transformed: mx.array, m: int, r: int, 
 
 def derived_weights(weight: mx.array, key: tuple):
     """A CPU re-arrangement of a conv kernel, by key: ('winograd', m) for `winograd_weights`,
-    ('folded', 0) for `subpixel_kernels`, ('folded-winograd', m) for the Winograd forms of those."""
+    ('folded', 0) for `subpixel_kernels`, ('folded-winograd', m) for the Winograd forms of
+    those stacked over the four parities, (4 n^2, in, out)."""
     kind, m = key
     if kind == "winograd":
         return winograd_weights(weight, m)
     if kind == "folded":
         return subpixel_kernels(weight)
-    return [winograd_weights(k, m) for k in subpixel_kernels(weight)]
+    return mx.concatenate([winograd_weights(k, m) for k in subpixel_kernels(weight)], axis=0)
 
 
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1, padding: int = 0,
@@ -501,6 +502,27 @@ def subpixel_kernels(weight: mx.array) -> list:
     return [fold(fold(weight, 1, _ROW_FOLDS[a]), 2, _ROW_FOLDS[b]) for a in range(2) for b in range(2)]
 
 
+@functools.lru_cache(maxsize=None)
+def _folded_winograd_transforms(m: int) -> tuple:
+    """Input (4 n^2, (n+1)^2) and output (4 m^2, 4 n^2) transforms of the four parities' F(m, 2)
+    on one shared tile grid: parity (a, b) reads the n x n window at offset (a, b) of an
+    (n + 1) x (n + 1) window. Rows are ordered (a, b, tile position)."""
+    input_transform, output_transform = _winograd_tile_transforms(m, 2)
+    n = m + 1
+    window = mx.arange((n + 1) ** 2).reshape(n + 1, n + 1)
+    blocks = []
+    for a in range(2):
+        for b in range(2):
+            columns = window[a:a + n, b:b + n].reshape(-1)  # window positions this parity reads
+            placed = mx.zeros((n * n, (n + 1) ** 2), mx.float32)
+            blocks.append(placed.at[:, columns].add(input_transform))
+    parity_input = mx.concatenate(blocks, axis=0)
+    parity_output = mx.zeros((4 * m * m, 4 * n * n), mx.float32)
+    for p in range(4):
+        parity_output = parity_output.at[p * m * m:(p + 1) * m * m, p * n * n:(p + 1) * n * n].add(output_transform)
+    return parity_input, parity_output
+
+
 def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, cached=None) -> mx.array:
     """conv2d(nearest_upsample_2x(x), weight, padding=1) + bias for NHWC x.
 
@@ -514,13 +536,26 @@ def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, cac
     padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
     m = winograd_tile(padded[:, 1:, 1:, :], weight[:, :2, :2, :], padding=0)  # valid 2x2 over (H + 1, W + 1)
     if m:
-        transformed = get(("folded-winograd", m))
-        parts = [winograd_correlate(padded[:, a:, b:, :], transformed[2 * a + b], m, 2, None, H, W)
-                 for a in range(2) for b in range(2)]
+        # All four parities' F(m, 2) at once, on one grid of (m + 2) x (m + 2) windows.
+        n, out_channels = m + 1, weight.shape[0]
+        tiles_h, tiles_w = -(-H // m), -(-W // m)
+        need_h, need_w = m * tiles_h + n, m * tiles_w + n
+        padded = mx.pad(padded, [(0, 0), (0, need_h - padded.shape[1]), (0, need_w - padded.shape[2]), (0, 0)])
+        parity_input, parity_output = _folded_winograd_transforms(m)
+        windows = mx.stack([padded[:, i: i + m * tiles_h: m, j: j + m * tiles_w: m, :]
+                            for i in range(n + 1) for j in range(n + 1)], axis=0).reshape((n + 1) ** 2, -1)
+        transformed_input = (parity_input @ windows).reshape(4 * n * n, -1, C)  # (4 n^2, tiles, C)
+        products = transformed_input @ get(("folded-winograd", m))  # (4 n^2, tiles, out)
+        corners = (parity_output @ products.reshape(4 * n * n, -1)).reshape(
+            2, 2, m, m, B, tiles_h, tiles_w, out_channels)  # (a, b, y, x, B, tile row, tile col, out)
+        # Output pixel (2 (m ti + y) + a, 2 (m tj + x) + b).
+        out = corners.transpose(4, 5, 2, 0, 6, 3, 1, 7).reshape(B, 2 * m * tiles_h, 2 * m * tiles_w, out_channels)
+        if (m * tiles_h, m * tiles_w) != (H, W):
+            out = out[:, :2 * H, :2 * W, :]
     else:
         kernels = get(("folded", 0))
         parts = [mx.conv2d(padded[:, a:a + H + 1, b:b + W + 1, :], kernels[2 * a + b])
                  for a in range(2) for b in range(2)]  # each (B, H, W, out)
-    out = mx.stack(parts, axis=3).reshape(B, H, W, 2, 2, -1)  # (B, H, W, a, b, out)
-    out = out.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, -1)
+        out = mx.stack(parts, axis=3).reshape(B, H, W, 2, 2, -1)  # (B, H, W, a, b, out)
+        out = out.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, -1)
     return out + bias if bias is not None else out
