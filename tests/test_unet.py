@@ -391,3 +391,17 @@ def test_prepared_context_gives_the_same_prediction(diffusers_unets):
     assert max_rel(out, reference) <= TOL
     with pytest.raises(LaVITError, match="prepare_context"):
         unet(inputs["sample"], 1, prepared, encoder_attention_mask=inputs["mask"])
+
+
+def test_native_op_path_matches_fixture(official_checkpoint, expected, monkeypatch):
+    """The path taken on a GPU (MLX's own conv, sigmoid, erf, attention), forced on the CPU."""
+    from lavit_mlx.models import cpu_math
+
+    monkeypatch.setattr(cpu_math, "_on_cpu", lambda x: False)
+    unet = load_unet(official_checkpoint / "highres_pixel_decoding" / "unet")
+    latents = expected["unet_latents"]
+    batch = latents.shape[0]
+    out = unet(latents, 501, np.repeat(expected["highres_prompt_embeds"], batch, axis=0),
+               text_embeds=np.repeat(expected["highres_pooled"], batch, axis=0),
+               time_ids=expected["highres_time_ids"])
+    assert max_rel(out, expected["highres_unet_out"]) <= TOL

@@ -155,3 +155,14 @@ def test_missing_weights_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model"):
         load_vae(tmp_path)
+
+
+def test_native_op_path_matches_diffusers(diffusers_vaes, monkeypatch):
+    """The path taken on a GPU (MLX's own conv, GroupNorm, sigmoid, attention), forced on the CPU."""
+    from lavit_mlx.models import cpu_math
+
+    monkeypatch.setattr(cpu_math, "_on_cpu", lambda x: False)
+    folder, images, reference = diffusers_vaes["winograd_sizes"]
+    vae = load_vae(folder)
+    assert max_rel(vae.encode(images).mean, reference["mean"]) <= TOL
+    assert max_rel(vae.decode(reference["mean"]), reference["decoded"]) <= TOL
