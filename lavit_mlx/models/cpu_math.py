@@ -306,7 +306,8 @@ def geglu(hidden: mx.array, gate: mx.array) -> mx.array:
 # Winograd minimal filtering F(m x m, r x r) (Lavin & Gray 2016): each m x m output tile
 # of a valid r x r correlation is A^T [(G g G^T) * (B^T d B)] A over its n x n input tile d
 # (n = m + r - 1), i.e. n^2 products per tile instead of m^2 r^2, done as n^2 matmuls of
-# (tiles, in) x (in, out). The matrices come from the Cook-Toom construction on the
+# (tiles, in) x (in, out); the tile transforms are matmuls too (Kronecker products of the
+# 1-D ones on the stacked tile positions). The matrices come from the Cook-Toom construction on the
 # points below (and infinity). F(2x2, 3x3) (0, +-1) stays within ~1e-6 of the direct
 # convolution in float32, F(4x4, 3x3) (0, +-1, +-2) within ~1e-5 and takes 4x fewer
 # products than direct; small maps or few channels use MLX's own convolution, as the

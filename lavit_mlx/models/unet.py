@@ -12,6 +12,12 @@ takes and returns NCHW like diffusers. Parameter names are the diffusers state-d
 keys, so loading is config -> model -> `sanitize` (conv OIHW -> OHWI) -> strict load.
 The building blocks (`Conv2d`, `GroupNorm`, `ResnetBlock2D`, `Attention`, up/down
 samplers) are shared with the VAE (`vae.py`).
+
+On the CPU the heavy operations go through `cpu_math`: Winograd convolutions (with the
+transformed kernels cached per conv), folded upsample+conv, GroupNorm+SiLU as one
+scale/shift kernel, exps without libm. On a GPU MLX's own operations are used. For a
+sampling loop, `prepare_context` projects the conditioning's cross-attention keys and
+values once for all steps.
 """
 
 from __future__ import annotations
