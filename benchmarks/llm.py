@@ -109,7 +109,8 @@ def mlx_worker(args) -> dict:
     import mlx.core as mx
 
     from lavit_mlx.models.llm import load_language_model
-    from lavit_mlx.sampling import ImageTokenDecoding, TextDecoding, stream_image_tokens, stream_text
+    from lavit_mlx.image_tokens import ImageTokenDecoding, stream_image_tokens
+    from lavit_mlx.sampling import TextDecoding, stream_text
 
     def timed_steps(generator):
         """(tokens, steady-state steps/s from the first yield to the last, total seconds)."""

@@ -22,7 +22,7 @@ import mlx.nn as nn
 from lavit_mlx.checkpoint import Checkpoint
 from lavit_mlx.config import EVAConfig, TokenizerConfig, TokenIds, VQDecoderConfig
 from lavit_mlx.errors import CheckpointError, LaVITError
-from lavit_mlx.layout import KNOWN_EXTRAS, MLX_FORMAT, RELEASE_FILES, RELEASE_FOLDERS
+from lavit_mlx.layout import KNOWN_EXTRAS, MLX_FORMAT, RELEASE_FOLDERS
 from lavit_mlx.models.eva_vit import EVAVisionTransformer
 from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
 from lavit_mlx.models.vq_decoder import VQDecoder

@@ -27,7 +27,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import LaVITError
 from .pixel_decoder import ASPECT_RATIOS, HIGHRES_DEFAULTS, LOWRES_DEFAULTS
-from .sampling import ImageTokenDecoding, stream_image_tokens, visual_codes
+from .image_tokens import ImageTokenDecoding, stream_image_tokens, visual_codes
 
 # The release's LLM guidance: 4.0 for text prompts, 5.0 when the prompt holds an image.
 TEXT_LLM_GUIDANCE = 4.0

@@ -15,22 +15,18 @@ What that means in 4.33.2 and is reproduced here:
   penalty, min_new_tokens (eos -> -inf), suppress_tokens; then the sampling warpers
   temperature, top-k, top-p; then argmax or multinomial sampling. Beam search runs the
   processors on log-softmax scores.
-- Classifier-free guidance is `UnbatchedClassifierFreeGuidanceLogitsProcessor`: an
-  unconditional sequence starting from `[IMG]` alone (or the negative prompt ids) that
-  receives every sampled token; out = g * (log_softmax(cond) - log_softmax(uncond))
-  + log_softmax(uncond). The release runs it as a second forward per step; here the
-  conditional and unconditional rows are one left-padded batch with one shared cache,
-  so each decoding step is a single forward.
+- Classifier-free guidance for image tokens is in `image_tokens.py`; the processors and
+  the pipelined loop here serve both.
 
 Loops are generators that yield once per step (mlx-lm `generate_step`); the next step
 is queued with `mx.async_eval` before the current tokens are read, and all logits
-processing stays on the device. `generate_text` / `generate_image_tokens` collect.
+processing stays on the device. `generate_text` collects.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -73,7 +69,7 @@ class TextDecoding:
                       **overrides})
 
     def __post_init__(self):
-        _check_common(self.max_new_tokens, self.min_new_tokens, self.temperature, self.top_k, self.top_p)
+        check_common(self.max_new_tokens, self.min_new_tokens, self.temperature, self.top_k, self.top_p)
         if self.num_beams < 1:
             raise LaVITError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
@@ -84,23 +80,7 @@ class TextDecoding:
             raise LaVITError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-@dataclass
-class ImageTokenDecoding:
-    """Options of the release's image-token generation (reference section 4, "Text-to-image")."""
-
-    guidance_scale: float = 4.0  # 5.0 for multimodal prompts in the release
-    min_new_tokens: int = 20
-    max_new_tokens: int = 200
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        _check_common(self.max_new_tokens, self.min_new_tokens, self.temperature, self.top_k, self.top_p)
-
-
-def _check_common(max_new, min_new, temperature, top_k, top_p):
+def check_common(max_new, min_new, temperature, top_k, top_p):
     if max_new < 1:
         raise LaVITError(f"max_new_tokens must be >= 1, got {max_new}")
     if min_new < 0:
@@ -114,7 +94,7 @@ def _check_common(max_new, min_new, temperature, top_k, top_p):
 
 
 # ----------------------------------------------------------------------------- processors
-def _id_mask(vocab_size: int, ids: Sequence[int]) -> mx.array:
+def id_mask(vocab_size: int, ids: Sequence[int]) -> mx.array:
     mask = np.zeros(vocab_size, dtype=bool)
     mask[np.asarray(list(ids), dtype=np.int64)] = True
     return mx.array(mask)
@@ -125,13 +105,7 @@ def visual_suppression(token_ids: TokenIds) -> List[int]:
     return list(range(token_ids.image_start, token_ids.vocab_size))
 
 
-def text_suppression(token_ids: TokenIds) -> List[int]:
-    """Ids the release suppresses when generating image tokens: every text id except unk, bos, eos."""
-    special = {token_ids.unk, token_ids.bos, token_ids.eos}
-    return [i for i in range(token_ids.num_text) if i not in special]
-
-
-def _neg_inf(scores: mx.array, mask: mx.array) -> mx.array:
+def neg_inf(scores: mx.array, mask: mx.array) -> mx.array:
     return mx.where(mask, mx.array(-mx.inf, scores.dtype), scores)
 
 
@@ -149,24 +123,24 @@ def _warp(scores: mx.array, temperature: float, top_k: int, top_p: float, min_ke
     if top_k:
         k = min(max(top_k, min_keep), vocab)
         kth = -mx.partition(-scores, k - 1, axis=-1)[..., k - 1 : k]  # k-th largest, (rows, 1)
-        scores = _neg_inf(scores, scores < kth)
+        scores = neg_inf(scores, scores < kth)
     if top_p < 1.0:
         order = mx.argsort(scores, axis=-1)  # ascending
         cumulative = mx.cumsum(mx.softmax(mx.take_along_axis(scores, order, axis=-1), axis=-1), axis=-1)
         drop_sorted = (cumulative <= 1 - top_p) & (mx.arange(vocab) < vocab - min_keep)
         drop = mx.put_along_axis(mx.zeros(scores.shape, dtype=mx.bool_), order, drop_sorted, axis=-1)
-        scores = _neg_inf(scores, drop)
+        scores = neg_inf(scores, drop)
     return scores
 
 
-def _choose(scores, do_sample, temperature, top_k, top_p, key):
+def choose_tokens(scores, do_sample, temperature, top_k, top_p, key):
     if not do_sample:
         return mx.argmax(scores, axis=-1).astype(mx.int32)
     scores = _warp(scores, temperature, top_k, top_p)
     return mx.random.categorical(scores, axis=-1, key=key).astype(mx.int32)
 
 
-def _key(seed: Optional[int]) -> mx.array:
+def make_key(seed: Optional[int]) -> mx.array:
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     return mx.random.key(seed)
@@ -178,7 +152,7 @@ def _one_hot(tokens: mx.array, vocab_size: int) -> mx.array:
 
 def _suppression_mask(lm: LanguageModel, suppress: Optional[Sequence[int]]) -> mx.array:
     ids = visual_suppression(lm.token_ids) if suppress is None else list(suppress)
-    return _id_mask(lm.args.vocab_size, ids)
+    return id_mask(lm.args.vocab_size, ids)
 
 
 def _prefill(lm: LanguageModel, inputs_embeds: Sequence[mx.array], max_new_tokens: int):
@@ -186,6 +160,28 @@ def _prefill(lm: LanguageModel, inputs_embeds: Sequence[mx.array], max_new_token
     lm.check_length(batch.shape[1], max_new_tokens)
     cache = lm.make_cache(padding)
     return lm.next_logits(inputs_embeds=batch, cache=cache), cache
+
+
+def pipelined(choose, forward, logits: mx.array, max_new_tokens: int, end_id: int):
+    """Yield each step's tokens per row (None once a row has produced `end_id`), with
+    the next step already queued (`mx.async_eval`) while the host reads this one.
+
+    `choose(logits, step)` -> (rows,) tokens; `forward(tokens)` -> the next logits.
+    """
+    tokens = choose(logits, 0)
+    mx.async_eval(tokens)
+    rows = tokens.shape[0]
+    ended = [False] * rows
+    for step in range(max_new_tokens):
+        if step + 1 < max_new_tokens:
+            upcoming = choose(forward(tokens), step + 1)
+            mx.async_eval(upcoming)
+        values = tokens.tolist()
+        yield [None if ended[r] else values[r] for r in range(rows)]
+        ended = [ended[r] or values[r] == end_id for r in range(rows)]
+        if all(ended) or step + 1 == max_new_tokens:
+            return
+        tokens = upcoming
 
 
 # ----------------------------------------------------------------------------- text: greedy / sampling
@@ -215,9 +211,9 @@ def stream_text(
     ids = lm.token_ids
     vocab = lm.args.vocab_size
     suppress_mask = _suppression_mask(lm, suppress)
-    eos_mask = _id_mask(vocab, [ids.eos])
+    eos_mask = id_mask(vocab, [ids.eos])
     rows = len(inputs_embeds)
-    key = _key(seed)
+    key = make_key(seed)
     logits, cache = _prefill(lm, inputs_embeds, config.max_new_tokens)
     state = {"ended": mx.zeros((rows,), dtype=mx.bool_), "key": key,
              "seen": _one_hot(mx.full((rows,), ids.bos, dtype=mx.int32), vocab)}
@@ -227,29 +223,18 @@ def stream_text(
         if config.repetition_penalty != 1.0:
             scores = _repetition_penalty(scores, state["seen"], config.repetition_penalty)
         if step < config.min_new_tokens:
-            scores = _neg_inf(scores, eos_mask)
-        scores = _neg_inf(scores, suppress_mask)
+            scores = neg_inf(scores, eos_mask)
+        scores = neg_inf(scores, suppress_mask)
         state["key"], sub = mx.random.split(state["key"])
-        tokens = _choose(scores, config.do_sample, config.temperature, config.top_k, config.top_p, sub)
+        tokens = choose_tokens(scores, config.do_sample, config.temperature, config.top_k, config.top_p, sub)
         tokens = mx.where(state["ended"], ids.pad, tokens)  # ended rows get pad, as transformers
         state["ended"] = state["ended"] | (tokens == ids.eos)
         if config.repetition_penalty != 1.0:
             state["seen"] = state["seen"] | _one_hot(tokens, vocab)
         return tokens
 
-    tokens = choose(logits, 0)
-    mx.async_eval(tokens)
-    ended = [False] * rows
-    for step in range(config.max_new_tokens):
-        if step + 1 < config.max_new_tokens:
-            upcoming = choose(lm.next_logits(input_ids=tokens[:, None], cache=cache), step + 1)
-            mx.async_eval(upcoming)
-        values = tokens.tolist()
-        yield [None if ended[r] else values[r] for r in range(rows)]
-        ended = [ended[r] or values[r] == ids.eos for r in range(rows)]
-        if all(ended) or step + 1 == config.max_new_tokens:
-            return
-        tokens = upcoming
+    yield from pipelined(choose, lambda tokens: lm.next_logits(input_ids=tokens[:, None], cache=cache),
+                         logits, config.max_new_tokens, ids.eos)
 
 
 # ----------------------------------------------------------------------------- text: beam search
@@ -331,7 +316,7 @@ def beam_search(
     allowed = vocab - int(suppress_mask.sum().item())
     if allowed < _CANDIDATES_PER_BEAM * nb:
         raise LaVITError(f"{nb} beams need at least {_CANDIDATES_PER_BEAM * nb} allowed ids, only {allowed} are")
-    eos_mask = _id_mask(vocab, [ids.eos])
+    eos_mask = id_mask(vocab, [ids.eos])
     rows = len(inputs_embeds)
     max_length = 1 + config.max_new_tokens  # the bos counts
     logits, cache = _prefill(lm, inputs_embeds, config.max_new_tokens)
@@ -353,8 +338,8 @@ def beam_search(
         if config.repetition_penalty != 1.0:
             scores = _repetition_penalty(scores, seen, config.repetition_penalty)
         if step < config.min_new_tokens:
-            scores = _neg_inf(scores, eos_mask)
-        scores = _neg_inf(scores, suppress_mask)
+            scores = neg_inf(scores, eos_mask)
+        scores = neg_inf(scores, suppress_mask)
         scores = (scores + mx.array(beam_scores.reshape(-1, 1))).reshape(rows, nb * vocab)
         top = mx.argpartition(-scores, k - 1, axis=-1)[:, :k]
         top_scores = mx.take_along_axis(scores, top, axis=-1)
@@ -438,135 +423,3 @@ def generate_text(
             if token is not None:
                 out[row].append(token)
     return out
-
-
-# ----------------------------------------------------------------------------- image tokens
-def _negative_rows(negative_prompt_ids, count: int, token_ids: TokenIds) -> List[List[int]]:
-    if negative_prompt_ids is None:
-        return [[token_ids.image_start] for _ in range(count)]
-    rows = list(negative_prompt_ids)
-    if rows and all(isinstance(i, (int, np.integer)) for i in rows):
-        return [[int(i) for i in rows] for _ in range(count)]
-    if len(rows) != count:
-        raise LaVITError(f"{len(rows)} negative prompts for {count} prompts")
-    return [[int(i) for i in row] for row in rows]
-
-
-def stream_image_tokens(
-    lm: LanguageModel,
-    prompts: Sequence[Sequence[int]],
-    config: ImageTokenDecoding = ImageTokenDecoding(),
-    negative_prompt_ids=None,
-    seed: Optional[int] = None,
-    two_pass: bool = False,
-) -> Iterator[List[Optional[int]]]:
-    """Image-token generation with classifier-free guidance, one step per yield.
-
-    Args:
-        prompts: per image the prompt ids WITHOUT the trailing `[IMG]` (text ids and
-            visual ids mixed, no BOS); `[IMG]` is appended here, as the release does.
-        config: guidance scale, min/max new tokens, sampling options.
-        negative_prompt_ids: None (the unconditional branch is `[IMG]` alone at
-            position 0), one id list for every prompt, or one list per prompt. As in
-            transformers, these ids are the whole start of the unconditional branch.
-        seed: sampling seed (same seed, same tokens); None draws one.
-        two_pass: run the unconditional branch as a separate forward with its own
-            cache, as the release does (for comparison; same tokens, slower).
-
-    Yields:
-        per step, for each prompt, the new id, or None once the prompt has produced
-        `[/IMG]` (which is yielded). Stops when all have ended or after max_new_tokens.
-    """
-    ids = lm.token_ids
-    vocab = lm.args.vocab_size
-    rows = len(prompts)
-    if rows == 0:
-        raise LaVITError("no prompt to generate from")
-    guided = config.guidance_scale != 1.0  # transformers adds no guidance processor at 1
-    cond_rows = [[int(i) for i in p] + [ids.image_start] for p in prompts]
-    cond_ids, cond_pad = lm.pad_ids(cond_rows)
-    lm.check_length(cond_ids.shape[1], config.max_new_tokens)
-    cache = lm.make_cache(cond_pad)
-    logits = lm.next_logits(input_ids=cond_ids, cache=cache)
-    uncond_cache = None
-    if guided:
-        uncond_ids, uncond_pad = lm.pad_ids(_negative_rows(negative_prompt_ids, rows, ids))
-        lm.check_length(uncond_ids.shape[1], config.max_new_tokens)
-        uncond_cache = lm.make_cache(uncond_pad)
-        uncond_logits = lm.next_logits(input_ids=uncond_ids, cache=uncond_cache)
-        logits = mx.concatenate([logits, uncond_logits])
-        if not two_pass:
-            # One left-padded batch: rows [cond_0..cond_B-1, uncond_0..uncond_B-1].
-            for layer_cache, layer_uncond in zip(cache, uncond_cache):
-                layer_cache.extend(layer_uncond)
-            uncond_cache = None
-
-    def forward(tokens: mx.array) -> mx.array:
-        if not guided:
-            return lm.next_logits(input_ids=tokens[:, None], cache=cache)
-        if uncond_cache is None:
-            both = mx.concatenate([tokens, tokens])[:, None]
-            return lm.next_logits(input_ids=both, cache=cache)
-        return mx.concatenate([
-            lm.next_logits(input_ids=tokens[:, None], cache=cache),
-            lm.next_logits(input_ids=tokens[:, None], cache=uncond_cache),
-        ])
-
-    suppress_mask = _id_mask(vocab, text_suppression(ids))
-    end_mask = _id_mask(vocab, [ids.image_end])
-    state = {"ended": mx.zeros((rows,), dtype=mx.bool_), "key": _key(seed)}
-
-    def choose(logits: mx.array, step: int) -> mx.array:
-        if guided:
-            scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            cond, uncond = scores[:rows], scores[rows:]
-            scores = config.guidance_scale * (cond - uncond) + uncond
-        else:
-            scores = logits
-        if step < config.min_new_tokens:
-            scores = _neg_inf(scores, end_mask)
-        scores = _neg_inf(scores, suppress_mask)
-        state["key"], sub = mx.random.split(state["key"])
-        tokens = _choose(scores, config.do_sample, config.temperature, config.top_k, config.top_p, sub)
-        tokens = mx.where(state["ended"], ids.pad, tokens)
-        state["ended"] = state["ended"] | (tokens == ids.image_end)
-        return tokens
-
-    tokens = choose(logits, 0)
-    mx.async_eval(tokens)
-    ended = [False] * rows
-    for step in range(config.max_new_tokens):
-        if step + 1 < config.max_new_tokens:
-            upcoming = choose(forward(tokens), step + 1)
-            mx.async_eval(upcoming)
-        values = tokens.tolist()
-        yield [None if ended[r] else values[r] for r in range(rows)]
-        ended = [ended[r] or values[r] == ids.image_end for r in range(rows)]
-        if all(ended) or step + 1 == config.max_new_tokens:
-            return
-        tokens = upcoming
-
-
-def generate_image_tokens(
-    lm: LanguageModel,
-    prompts: Sequence[Sequence[int]],
-    config: ImageTokenDecoding = ImageTokenDecoding(),
-    negative_prompt_ids=None,
-    seed: Optional[int] = None,
-    two_pass: bool = False,
-) -> List[List[int]]:
-    """Generated ids per prompt (ending with `[/IMG]` when produced); see `stream_image_tokens`.
-
-    `visual_codes` turns them into codebook indices.
-    """
-    out: List[List[int]] = [[] for _ in prompts]
-    for tokens in stream_image_tokens(lm, prompts, config, negative_prompt_ids, seed, two_pass):
-        for row, token in enumerate(tokens):
-            if token is not None:
-                out[row].append(token)
-    return out
-
-
-def visual_codes(generated: Sequence[int], token_ids: TokenIds) -> List[int]:
-    """Codebook indices of generated ids: keep ids >= visual_offset, subtract it (the release)."""
-    return [int(i) - token_ids.visual_offset for i in generated if int(i) >= token_ids.visual_offset]

@@ -12,7 +12,7 @@ import torch
 
 import lavit_mlx
 from conftest import replace_file
-from lavit_mlx.errors import CheckpointError, MissingDependencyError
+from lavit_mlx.errors import CheckpointError
 from lavit_mlx.models.eva_vit import EVAVisionTransformer
 from lavit_mlx.weights import read_weights
 

@@ -22,18 +22,14 @@ import torch
 
 from lavit_mlx.errors import LaVITError
 from lavit_mlx.models.llm import load_language_model
-from lavit_mlx.sampling import (
+from lavit_mlx.image_tokens import (
     ImageTokenDecoding,
-    TextDecoding,
-    beam_search,
     generate_image_tokens,
-    generate_text,
     stream_image_tokens,
-    stream_text,
     text_suppression,
     visual_codes,
-    visual_suppression,
 )
+from lavit_mlx.sampling import TextDecoding, beam_search, generate_text, stream_text, visual_suppression
 from test_llm import TINY_IDS, tiny_llama
 
 IDS = TINY_IDS

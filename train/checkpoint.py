@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from lavit_convert.torch_io import load_pickle

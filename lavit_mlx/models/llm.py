@@ -487,7 +487,7 @@ def load_mlx_language_model(
         nn.quantize(model, group_size=stored["group_size"], bits=stored["bits"],
                     class_predicate=lambda path, module: f"{path}.scales" in weights)
     load_strict(model, weights, str(folder), dtype=dtype)
-    del weights
+    weights.clear()  # the model holds its own copies now
     if quantize and not stored:
         report = quantize_model(model, quantize, group_size, dtype)
     if token_ids is None:

@@ -11,7 +11,7 @@ attention pool (SDXL's text_embeds).
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn

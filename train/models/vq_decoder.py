@@ -7,7 +7,7 @@ ViT's features from the kept, quantised tokens); both follow the official
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
