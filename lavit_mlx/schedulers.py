@@ -138,7 +138,13 @@ def _spaced_timesteps(config: NoiseScheduleConfig, num_steps: int, last: int, ex
 
 
 class Scheduler:
-    """The interface of the three schedulers."""
+    """The interface of the three schedulers.
+
+    Use: `set_timesteps(n)`; latents = noise * `init_noise_sigma`; for each t in
+    `timesteps`: model input = `scale_model_input(latents, t)`, then
+    latents = `step(model_output, t, latents)`. Euler and DPM-Solver++ count their steps
+    from the first timestep given, as diffusers does, so call them in schedule order.
+    """
 
     name = "scheduler"
     config: NoiseScheduleConfig
@@ -151,7 +157,24 @@ class Scheduler:
 
     @classmethod
     def from_config(cls, config: dict) -> "Scheduler":
+        """Build from a diffusers scheduler config dict (unknown keys ignored)."""
         return cls(cls.config_class.from_dict(config))
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose `num_inference_steps` inference timesteps (`timesteps`, descending)."""
+        raise NotImplementedError
+
+    def step(self, model_output, timestep, sample):
+        """One denoising step.
+
+        Args:
+            model_output: the UNet's prediction (epsilon, v or sample, per prediction_type).
+            timestep: the current entry of `timesteps`.
+            sample: the current latents; mx.array or numpy array, like model_output.
+        Returns:
+            The latents one step less noisy, of the input's kind (float32).
+        """
+        raise NotImplementedError
 
     @property
     def init_noise_sigma(self) -> float:
@@ -418,11 +441,10 @@ class DPMSolverMultistepScheduler(_StepIndexed):
         cfg = self.config
         index = self._current_index(timestep)
         count = len(self.timesteps)
-        short = count < 15  # diffusers lowers the order near the end only for short schedules
+        # The last step is first order for short schedules (diffusers: under 15 steps) or
+        # when the final sigma is 0. (diffusers' second-to-last rule only lowers order 3.)
         last_step_first_order = index == count - 1 and (
-            cfg.euler_at_final or (cfg.lower_order_final and short) or cfg.final_sigmas_type == "zero")
-        second_to_last_lower = index == count - 2 and cfg.lower_order_final and short
-        del second_to_last_lower  # only changes third-order steps, which are not supported
+            cfg.euler_at_final or (cfg.lower_order_final and count < 15) or cfg.final_sigmas_type == "zero")
 
         x0 = self._to_x0(model_output, sample, self.sigmas[index])
         self.model_outputs = self.model_outputs[1:] + [x0]
