@@ -154,6 +154,8 @@ class PixelDecoder:
         sampler.set_timesteps(steps)
         inputs = self.guidance_batch(conditioning, height, width)
         batch = inputs["context"].shape[0] // 2
+        # The context's cross-attention keys and values are the same at every step.
+        context = self.unet.prepare_context(inputs["context"], inputs.get("mask"))
         if latents is None:
             key = mx.random.key(seed if seed is not None else int.from_bytes(np.random.bytes(4), "little"))
             shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -161,8 +163,8 @@ class PixelDecoder:
         total = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
             model_input = sampler.scale_model_input(mx.concatenate([latents, latents]), t)
-            noise = self.unet_forward(model_input, t, inputs["context"], pooled=inputs.get("pooled"),
-                                      time_ids=inputs.get("time_ids"), mask=inputs.get("mask"))
+            noise = self.unet_forward(model_input, t, context, pooled=inputs.get("pooled"),
+                                      time_ids=inputs.get("time_ids"))
             uncond, cond = noise[:batch], noise[batch:]
             latents = sampler.step(uncond + guidance * (cond - uncond), t, latents)
             mx.eval(latents)

@@ -291,23 +291,23 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("batch,h,w,cin,cout,k,pad,path", CONV_CASES)
 def test_cpu_conv_paths_match_mlx_conv(batch, h, w, cin, cout, k, pad, path):
-    from lavit_mlx.models import cpu_math
+    from lavit_mlx.models import cpu_conv
 
     rng = np.random.default_rng(cin + cout)
     x = mx.array(rng.standard_normal((batch, h, w, cin)).astype(np.float32))
     weight = mx.array((rng.standard_normal((cout, k, k, cin)) / np.sqrt(k * k * cin)).astype(np.float32))
     bias = mx.array(rng.standard_normal(cout).astype(np.float32))
     expected_tile = {"winograd-4": 4, "winograd-2": 2}.get(path, 0)
-    assert cpu_math.winograd_tile(x, weight, 1, pad) == expected_tile
+    assert cpu_conv.winograd_tile(x, weight, 1, pad) == expected_tile
     reference = mx.conv2d(x, weight, padding=pad) + bias
     tol = 5e-5 if path == "winograd-4" else 5e-6  # F(4x4) rounds at ~1e-5 in float32
-    assert max_rel(cpu_math.conv2d(x, weight, bias, 1, pad), reference) <= tol
+    assert max_rel(cpu_conv.conv2d(x, weight, bias, 1, pad), reference) <= tol
 
 
 @pytest.mark.parametrize("batch,h,w,channels,tile", [(1, 64, 62, 64, 4), (2, 11, 13, 640, 2), (1, 40, 36, 64, 0),
                                                       (2, 5, 4, 8, 0)])
 def test_folded_upsample_conv_matches_upsample_then_conv(batch, h, w, channels, tile):
-    from lavit_mlx.models import cpu_math
+    from lavit_mlx.models import cpu_conv
     from lavit_mlx.models.unet import upsample_nearest
 
     rng = np.random.default_rng(channels)
@@ -315,9 +315,9 @@ def test_folded_upsample_conv_matches_upsample_then_conv(batch, h, w, channels, 
     weight = mx.array((rng.standard_normal((channels, 3, 3, channels)) / np.sqrt(9 * channels)).astype(np.float32))
     bias = mx.array(rng.standard_normal(channels).astype(np.float32))
     # The four folded 2x2 convs read the input padded by one: (H + 1, W + 1) valid windows.
-    assert cpu_math.winograd_tile(mx.zeros((batch, h + 1, w + 1, channels)), weight[:, :2, :2, :], 1, 0) == tile
+    assert cpu_conv.winograd_tile(mx.zeros((batch, h + 1, w + 1, channels)), weight[:, :2, :2, :], 1, 0) == tile
     reference = mx.conv2d(upsample_nearest(x), weight, padding=1) + bias
-    assert max_rel(cpu_math.upsample2x_conv3x3(x, weight, bias), reference) <= 5e-5
+    assert max_rel(cpu_conv.upsample2x_conv3x3(x, weight, bias), reference) <= 5e-5
 
 
 @pytest.mark.parametrize("shape,groups,silu", [((1, 64, 64, 128), 32, True), ((2, 6, 10, 32), 8, False),
@@ -375,10 +375,10 @@ def test_matches_diffusers_at_winograd_sizes(tmp_path):
     model.save_pretrained(str(tmp_path))
     inputs = case_inputs(case, 7)
     unet = load_unet(tmp_path)
-    from lavit_mlx.models import cpu_math
+    from lavit_mlx.models import cpu_conv
 
     resnet_conv = unet.down_blocks[0].resnets[0].conv1
-    assert cpu_math.winograd_tile(mx.zeros((2, 32, 32, 96)), resnet_conv.weight, 1, 1) == 4
+    assert cpu_conv.winograd_tile(mx.zeros((2, 32, 32, 96)), resnet_conv.weight, 1, 1) == 4
     assert max_rel(run_ours(unet, case, inputs), run_diffusers(model, case, inputs)) <= TOL
 
 
@@ -395,9 +395,10 @@ def test_prepared_context_gives_the_same_prediction(diffusers_unets):
 
 def test_native_op_path_matches_fixture(official_checkpoint, expected, monkeypatch):
     """The path taken on a GPU (MLX's own conv, sigmoid, erf, attention), forced on the CPU."""
+
     from lavit_mlx.models import cpu_math
 
-    monkeypatch.setattr(cpu_math, "_on_cpu", lambda x: False)
+    monkeypatch.setattr(cpu_math, "on_cpu", lambda x: False)
     unet = load_unet(official_checkpoint / "highres_pixel_decoding" / "unet")
     latents = expected["unet_latents"]
     batch = latents.shape[0]

@@ -92,5 +92,5 @@ class EVAVisionTransformer(nn.Module):
         w = weights.get(key)
         if w is not None and w.ndim == 4 and w.shape[1] == 3 and w.shape[3] != 3:
             weights = dict(weights)
-            weights[key] = w.transpose(0, 2, 3, 1)
+            weights[key] = mx.contiguous(w.transpose(0, 2, 3, 1))
         return weights

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import CheckpointError, LaVITError
 from ..weights import Weights, load_strict, read_weights
-from . import cpu_math
+from . import cpu_conv, cpu_math
 from .layers import merge_heads, split_heads
 
 # diffusers' padding bias for masked-out context tokens (unet_2d_condition.py).
@@ -196,7 +196,7 @@ class UNetConfig:
 
 # --------------------------------------------------------------------------- building blocks
 class DerivedWeights:
-    """CPU re-arrangements of a conv kernel (`cpu_math.derived_weights`), kept per key until
+    """CPU re-arrangements of a conv kernel (`cpu_conv.derived_weights`), kept per key until
     the weight array is replaced.
 
     A plain object, not an array container, so MLX does not count it as a parameter.
@@ -212,7 +212,7 @@ class DerivedWeights:
         if self.weight is not weight:
             self.weight, self.values = weight, {}
         if key not in self.values:
-            self.values[key] = cpu_math.derived_weights(weight, key)
+            self.values[key] = cpu_conv.derived_weights(weight, key)
         return self.values[key]
 
 
@@ -236,7 +236,7 @@ class Conv2d(nn.Module):
         return self.derived.get(self.weight, key)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return cpu_math.conv2d(x, self.weight, self.get("bias"), self.stride, self.padding, self.cached)
+        return cpu_conv.conv2d(x, self.weight, self.get("bias"), self.stride, self.padding, self.cached)
 
 
 class GroupNorm(nn.Module):
@@ -319,7 +319,7 @@ class Upsample2D(nn.Module):
         B, H, W, _ = x.shape
         if size is not None and tuple(size) != (2 * H, 2 * W):
             return self.conv(upsample_nearest(x, size))
-        return cpu_math.upsample2x_conv3x3(x, self.conv.weight, self.conv.get("bias"), self.conv.cached)
+        return cpu_conv.upsample2x_conv3x3(x, self.conv.weight, self.conv.get("bias"), self.conv.cached)
 
 
 @dataclass
