@@ -328,7 +328,8 @@ class LaVIT:
     def _diffusers_model(self, component: str, sub: str):
         """The UNet or VAE of a pixel-decoding folder (diffusers layout, or MLX layout in an MLX folder)."""
         from .layout import MLX_FORMAT
-        from .models.unet import UNet2DConditionModel, UNetConfig, read_diffusers_folder
+        from .models.diffusion_blocks import read_diffusers_folder
+        from .models.unet import UNet2DConditionModel, UNetConfig
         from .models.vae import AutoencoderKL, VAEConfig
         from .weights import read_sharded
 

@@ -308,7 +308,7 @@ def test_cpu_conv_paths_match_mlx_conv(batch, h, w, cin, cout, k, pad, path):
                                                       (2, 5, 4, 8, 0)])
 def test_folded_upsample_conv_matches_upsample_then_conv(batch, h, w, channels, tile):
     from lavit_mlx.models import cpu_conv
-    from lavit_mlx.models.unet import upsample_nearest
+    from lavit_mlx.models.diffusion_blocks import upsample_nearest
 
     rng = np.random.default_rng(channels)
     x = mx.array(rng.standard_normal((batch, h, w, channels)).astype(np.float32))

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from ..errors import CheckpointError
 from ..weights import Weights, load_strict
 from . import cpu_math
-from .unet import (
+from .diffusion_blocks import (
     Attention,
     Conv2d,
     Downsample2D,
@@ -27,10 +27,10 @@ from .unet import (
     ResnetBlock2D,
     Upsample2D,
     as_mx,
-    check_activation,
     read_diffusers_folder,
     sanitize_conv_weights,
 )
+from .unet import check_activation
 
 # Fixed by diffusers' Encoder/Decoder whatever the config.
 VAE_NORM_EPS = 1e-6
