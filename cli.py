@@ -67,6 +67,11 @@ def _open_model(model: Optional[Path], vision_heads: Optional[int], quantize: Op
         raise LaVITError(f"no model given: pass --model DIR or set {MODEL_ENV}")
     lavit = load(path, vision_heads=vision_heads, quantize=quantize)
     _stderr().print(f"model: {lavit.checkpoint.describe()}", highlight=False)
+    if quantize:
+        with _spinner(f"loading the LLM ({quantize}-bit)"):
+            report = lavit.llm.quantization
+        if report is not None:
+            _stderr().print(f"LLM quantized {report.describe()}", highlight=False)
     return lavit
 
 

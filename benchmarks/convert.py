@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import peak_rss_of  # noqa: E402
 
 
 def write_llm(folder: Path, hidden: int, layers: int, shards: int, vocab: int = 48386) -> tuple:
@@ -54,23 +55,6 @@ def write_llm(folder: Path, hidden: int, layers: int, shards: int, vocab: int = 
               "rms_norm_eps": 1e-5, "vocab_size": vocab, "max_position_embeddings": 2048, "tie_word_embeddings": False}
     (folder / "config.json").write_text(json.dumps(config))
     return sum(sizes), max(sizes)
-
-
-MEASURE = (
-    "import resource, subprocess, sys; "
-    "code = subprocess.run(sys.argv[1:]).returncode; "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
-)
-
-
-def peak_rss_of(cmd) -> tuple:
-    """(peak resident bytes, seconds) of `cmd`, measured by a fresh parent of its own."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(proc.stderr)
-    return int(proc.stdout.strip().splitlines()[-1]) * 1024, seconds
 
 
 def main():

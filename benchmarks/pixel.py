@@ -155,6 +155,8 @@ def main():
     parser.add_argument("--context", type=int, default=256, help="context tokens")
     parser.add_argument("--vae-latent", type=int, default=32, help="VAE latent side (batch 1)")
     parser.add_argument("--only", choices=["mlx", "torch"], help="run one framework only")
+    parser.add_argument("--fixture", default=str(ROOT.parent / "shared" / "fixtures" / "official-tiny"),
+                        help="fixture whose checkpoint `lavit generate` runs on for the peak-memory line")
     parser.add_argument("--models", help="reuse a folder of saved models (written if absent)")
     parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -211,6 +213,26 @@ def main():
             diff = f"{np.abs(ours - ref).max() / np.abs(ref).max():.1e}"
         fmt = lambda s: f"{s:.3f}" if s else "-"  # noqa: E731
         print(f"| {label} | {fmt(mlx_s)} | {fmt(torch_s)} | {speed} | {diff} |")
+    generate_memory(Path(args.fixture))
+
+
+def generate_memory(fixture: Path) -> None:
+    """Peak resident memory of `lavit generate` (all stages, default high-res decoder) on a fixture."""
+    checkpoint = fixture / "checkpoint"
+    if not checkpoint.is_dir():
+        print(f"(no fixture at {fixture}: skipping the lavit generate memory line)")
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from measure import peak_rss_of
+
+    heads = json.loads((fixture / "expected.json").read_text()).get("config", {}).get("heads", 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "lavit_cli.cli", "generate", "-p", "a red car", "-m", checkpoint,
+               "--vision-heads", heads, "--width", 64, "--height", 64, "--steps", 5, "--seed", 0,
+               "--out", Path(tmp) / "out.png"]
+        rss, seconds = peak_rss_of(cmd)
+    print(f"`lavit generate` on {checkpoint.name} of {fixture.name} (64x64, 5 steps): "
+          f"peak resident memory {rss / 2**20:.0f} MiB, {seconds:.1f} s")
 
 
 if __name__ == "__main__":

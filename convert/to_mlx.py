@@ -260,6 +260,12 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
         tokenizer_config = configs.get("tokenizer") or configs.get("understanding")
         if tokenizer_config is not None:
             top["tokenizer"] = tokenizer_config.to_dict()
+        # Every size in one place (the folders keep their own configs for their loaders).
+        if llm_plan is not None:
+            top["llm"] = llm_plan[1]
+        for component in pixel_plans:
+            folder = ckpt.folder(component)
+            top[component] = {sub: json.loads((folder / sub / "config.json").read_text()) for sub in ("unet", "vae")}
         (staging / "config.json").write_text(json.dumps(top, indent=2))
         write_manifest(staging, MLX_FORMAT["manifest"])
         report.bytes_written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())

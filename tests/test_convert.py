@@ -51,6 +51,7 @@ def test_layout_and_config(converted):
     assert config["format"] == "lavit-mlx" and config["format_version"] == 1
     assert config["vision_heads"] == 2 and config["eva"]["width"] == 96
     assert config["token_ids"]["num_text"] == 32000
+    assert config["llm"]["hidden_size"] == 64 and config["highres_pixel"]["unet"]["cross_attention_dim"] == 2048
     for name in ("eva", "tokenizer", "understanding", "lowres_decoder", "highres_decoder", "codebook"):
         assert (converted / f"{name}.safetensors").is_file()
     # one output shard per input shard (the fixture's LLM has two)
@@ -121,6 +122,16 @@ def test_quantized_conversion(official_checkpoint, tmp_path):
     model = lavit_mlx.load(out)
     tokens = model.tokenize([official_checkpoint.parent / "input.png"])[0]
     assert tokens.num_tokens > 0
+    # the 4-bit LLM loads quantized and generates
+    from lavit_mlx.image_tokens import ImageTokenDecoding, generate_image_tokens
+
+    lm = model.llm
+    assert "QuantizedLinear" in type(lm.model.layers[0].mlp.down_proj).__name__
+    generated = generate_image_tokens(lm, [model.text_tokenizer.encode("a red car")],
+                                      ImageTokenDecoding(max_new_tokens=24), seed=0)
+    assert 20 <= len(generated[0]) <= 24
+    logits = model.llm_logits(input_ids=[[1, 319, 2654]])
+    assert logits.shape == (1, 3, 48386) and bool(mx.all(mx.isfinite(logits)))
 
 
 def test_components_and_dtype(official_checkpoint, tmp_path):
