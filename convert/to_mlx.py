@@ -65,13 +65,36 @@ class _Plan:
 
     name: str
     module: nn.Module
-    sources: List[LazyTensors]
-    transform: Callable[[str, mx.array], mx.array] = lambda key, value: value
+    sources: list  # LazyTensors or SanitizedTensors
     known_extra: Optional[Callable[[str], bool]] = None
     quant_bits: Optional[int] = None
     group_size: int = 64
     quant_kinds: tuple = (nn.Linear,)
     shard_per_source: bool = False  # one output shard per input shard (bounds peak memory)
+
+
+class SanitizedTensors:
+    """A file's tensors seen through a model's `sanitize` (renames, conv layout), one at a time."""
+
+    def __init__(self, source: LazyTensors, sanitize: Callable[[dict], dict]):
+        self.source, self.sanitize, self.path = source, sanitize, source.path
+        self._original: Dict[str, str] = {}
+        self.shapes: Dict[str, tuple] = {}
+        for key, shape in source.shapes.items():
+            # mx.zeros is lazy: only the shapes are worked out here
+            ((name, value),) = sanitize({key: mx.zeros(shape, mx.int8)}).items()
+            self._original[name] = key
+            self.shapes[name] = tuple(value.shape)
+
+    def keys(self) -> list:
+        return list(self.shapes)
+
+    def get(self, key: str) -> mx.array:
+        original = self._original[key]
+        return self.sanitize({original: self.source.get(original)})[key]
+
+    def close(self) -> None:
+        self.source.close()
 
 
 def _check_keys(plan: _Plan) -> None:
@@ -87,8 +110,7 @@ def _check_keys(plan: _Plan) -> None:
     for key, shape in expected.items():
         if key not in found:
             raise CheckpointError(f"{where}: missing key {key!r}")
-        got = tuple(plan.transform(key, mx.zeros(found[key][0], mx.int8)).shape) if len(found[key][0]) == 4 else found[key][0]
-        if got != shape:
+        if found[key][0] != shape:
             raise CheckpointError(f"{found[key][1]}: key {key!r} has shape {found[key][0]}, the model expects {shape}")
     for key, (_, path) in found.items():
         if key not in expected and not (plan.known_extra and plan.known_extra(key)):
@@ -122,7 +144,7 @@ def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: Conve
         for key in source.keys():
             if owner.get(key) != i:
                 continue
-            value = plan.transform(key, source.get(key))
+            value = source.get(key)
             if mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(dtype)
             if key in quantized:
@@ -154,10 +176,9 @@ def _vision_plan(ckpt: Checkpoint, name: str, heads: int, llm_hidden: int, bits:
         return _Plan(name, module, sources, known_extra=extra, quant_bits=bits), config
     source = LazyTensors(ckpt.file(name))
     if name == "eva":
+        source = SanitizedTensors(source, EVAVisionTransformer.sanitize)
         config = EVAConfig.from_shapes(source.shapes, heads)
-        module = EVAVisionTransformer(config)
-        transform = lambda key, value: EVAVisionTransformer.sanitize({key: value})[key]  # noqa: E731
-        return _Plan(name, module, [source], transform=transform, quant_bits=bits), config
+        return _Plan(name, EVAVisionTransformer(config), [source], quant_bits=bits), config
     if name == "tokenizer":
         config = TokenizerConfig.from_shapes(source.shapes, heads)
         module = DynamicVisualTokenizer(config, quantizer=True)
@@ -332,9 +353,8 @@ def _pixel_plans(ckpt: Checkpoint, component: str, quantize: bool) -> dict:
         found = [w for w in weights if w.is_file()]
         if not found:
             raise CheckpointError(f"{folder / sub}: no diffusion_pytorch_model.safetensors or .bin")
-        transform = lambda key, value, model=model: model.sanitize({key: value}, "torch")[key]  # noqa: E731
-        plan = _Plan(f"{component}/{sub}", model, [LazyTensors(found[0])], transform=transform,
-                     quant_bits=8 if quantize and sub == "unet" else None)
+        source = SanitizedTensors(LazyTensors(found[0]), lambda weights, model=model: model.sanitize(weights, "torch"))
+        plan = _Plan(f"{component}/{sub}", model, [source], quant_bits=8 if quantize and sub == "unet" else None)
         _check_keys(plan)
         plans[sub] = plan
     if not (folder / "scheduler" / "scheduler_config.json").is_file():

@@ -328,27 +328,18 @@ class LaVIT:
     def _diffusers_model(self, component: str, sub: str):
         """The UNet or VAE of a pixel-decoding folder (diffusers layout, or MLX layout in an MLX folder)."""
         from .layout import MLX_FORMAT
-        from .models.diffusion_blocks import read_diffusers_folder
+        from .models.diffusion_blocks import DIFFUSERS_STEM, load_diffusers_model
         from .models.unet import UNet2DConditionModel, UNetConfig
         from .models.vae import AutoencoderKL, VAEConfig
-        from .weights import read_sharded
 
-        folder = self.checkpoint.folder(component) / sub
         model_cls, config_cls = (UNet2DConditionModel, UNetConfig) if sub == "unet" else (AutoencoderKL, VAEConfig)
-        if self.checkpoint.kind == "mlx":
-            config = json.loads((folder / "config.json").read_text())
-            weights = read_sharded(folder / f"{MLX_FORMAT['pixel_weights']}.safetensors")
-            layout = "mlx"
-        else:
-            config, weights = read_diffusers_folder(folder, sub.upper())
-            layout = "torch"
-        model = model_cls(config_cls.from_dict(config))
-        weights = model.sanitize(weights, layout)
-        quantization = self.checkpoint.quantization(component)
-        if quantization:
-            nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                        class_predicate=lambda path, module: f"{path}.scales" in weights)
-        return load_strict(model, weights, str(folder))
+        mlx_folder = self.checkpoint.kind == "mlx"
+        return load_diffusers_model(
+            self.checkpoint.folder(component) / sub, model_cls, config_cls, sub.upper(),
+            source_layout="mlx" if mlx_folder else "torch",
+            stem=MLX_FORMAT["pixel_weights"] if mlx_folder else DIFFUSERS_STEM,
+            quantization=self.checkpoint.quantization(component),
+        )
 
     def pixel_decoder(self, highres: bool = True):
         """The high-res (SDXL-shaped, default) or low-res (SD-1.5-shaped) pixel decoder."""

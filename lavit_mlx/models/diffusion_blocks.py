@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import CheckpointError, LaVITError
-from ..weights import Weights, read_weights
+from ..weights import Weights, load_strict, read_sharded, read_weights
 from . import cpu_conv, cpu_math
 from .layers import merge_heads, split_heads
 
@@ -301,26 +301,37 @@ def _flat_parameters(model: nn.Module) -> dict:
     return dict(tree_flatten(model.parameters()))
 
 
-def read_diffusers_folder(folder: Path, what: str):
+DIFFUSERS_STEM = "diffusion_pytorch_model"
+
+
+def read_diffusers_folder(folder: Path, what: str, stem: str = DIFFUSERS_STEM):
     """(config dict, weights) of a diffusers model folder: config.json and
-    diffusion_pytorch_model.{safetensors,bin}, or a sharded `.safetensors.index.json`."""
+    `stem`.safetensors (or its shards with `stem`.safetensors.index.json) or `stem`.bin."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json for the {what}")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-    stem = "diffusion_pytorch_model"
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        weights = {}
-        for shard in shards:
-            weights.update(read_weights(folder / shard))
-        return config, weights
-    for suffix in (".safetensors", ".bin"):
-        if (folder / f"{stem}{suffix}").is_file():
-            return config, read_weights(folder / f"{stem}{suffix}")
+    safetensors = folder / f"{stem}.safetensors"
+    if safetensors.is_file() or Path(f"{safetensors}.index.json").is_file():
+        return config, read_sharded(safetensors)
+    if (folder / f"{stem}.bin").is_file():
+        return config, read_weights(folder / f"{stem}.bin")
     raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.bin for the {what}")
+
+
+def load_diffusers_model(folder: Path, model_cls, config_cls, what: str, dtype: mx.Dtype = mx.float32,
+                         source_layout: str = "torch", stem: str = DIFFUSERS_STEM,
+                         quantization: Optional[dict] = None):
+    """config.json + weights -> `model_cls`: sanitize to this layout, quantize the layers
+    stored quantized (`quantization` = {"bits", "group_size"}), load strictly."""
+    config, weights = read_diffusers_folder(folder, what, stem)
+    model = model_cls(config_cls.from_dict(config))
+    weights = model.sanitize(weights, source_layout)
+    if quantization:
+        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                    class_predicate=lambda path, module: f"{path}.scales" in weights)
+    return load_strict(model, weights, str(folder), dtype=dtype)

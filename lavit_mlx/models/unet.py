@@ -32,7 +32,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import CheckpointError, LaVITError
-from ..weights import Weights, load_strict
+from ..weights import Weights
 from . import cpu_math
 from .diffusion_blocks import (
     MASK_BIAS,
@@ -45,7 +45,7 @@ from .diffusion_blocks import (
     UNetContext,
     Upsample2D,
     as_mx,
-    read_diffusers_folder,
+    load_diffusers_model,
     sanitize_conv_weights,
 )
 
@@ -453,6 +453,4 @@ def load_unet(folder: Union[str, Path], dtype: mx.Dtype = mx.float32,
     Returns:
         The model, weights loaded strictly.
     """
-    config, weights = read_diffusers_folder(folder, "UNet")
-    model = UNet2DConditionModel(UNetConfig.from_dict(config))
-    return load_strict(model, model.sanitize(weights, source_layout), str(folder), dtype=dtype)
+    return load_diffusers_model(folder, UNet2DConditionModel, UNetConfig, "UNet", dtype, source_layout)

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import CheckpointError
-from ..weights import Weights, load_strict
+from ..weights import Weights
 from . import cpu_math
 from .diffusion_blocks import (
     Attention,
@@ -27,7 +27,7 @@ from .diffusion_blocks import (
     ResnetBlock2D,
     Upsample2D,
     as_mx,
-    read_diffusers_folder,
+    load_diffusers_model,
     sanitize_conv_weights,
 )
 from .unet import check_activation
@@ -265,6 +265,4 @@ def load_vae(folder: Union[str, Path], dtype: mx.Dtype = mx.float32, source_layo
     Returns:
         The model, weights loaded strictly.
     """
-    config, weights = read_diffusers_folder(folder, "VAE")
-    model = AutoencoderKL(VAEConfig.from_dict(config))
-    return load_strict(model, model.sanitize(weights, source_layout), str(folder), dtype=dtype)
+    return load_diffusers_model(folder, AutoencoderKL, VAEConfig, "VAE", dtype, source_layout)
