@@ -174,6 +174,12 @@ class LaVIT:
 
         return self._get("understanding", build)
 
+    @property
+    def large_model_dtype(self) -> Optional[mx.Dtype]:
+        """Compute dtype of the LLM and the UNets: float32 on the CPU (MLX's half-precision
+        CPU kernels are slow), the stored dtype (float16/bfloat16) on a GPU."""
+        return mx.float32 if mx.default_device() == mx.cpu else None
+
     # ----------------------------------------------------------------- language model
     @property
     def llm(self):
@@ -183,10 +189,10 @@ class LaVIT:
         def build():
             folder = self.checkpoint.folder("llm")
             if self.checkpoint.kind == "mlx":
-                return load_mlx_language_model(folder, quantize=self.quantize, group_size=self.group_size,
-                                               token_ids=self.token_ids)
-            return load_language_model(folder, quantize=self.quantize, group_size=self.group_size,
-                                       token_ids=self.token_ids)
+                return load_mlx_language_model(folder, dtype=self.large_model_dtype, quantize=self.quantize,
+                                               group_size=self.group_size, token_ids=self.token_ids)
+            return load_language_model(folder, dtype=self.large_model_dtype, quantize=self.quantize,
+                                       group_size=self.group_size, token_ids=self.token_ids)
 
         return self._get("llm", build)
 
@@ -336,6 +342,8 @@ class LaVIT:
         mlx_folder = self.checkpoint.kind == "mlx"
         return load_diffusers_model(
             self.checkpoint.folder(component) / sub, model_cls, config_cls, sub.upper(),
+            # the VAE decodes in float32 (it overflows in float16, as the release notes)
+            dtype=mx.float32 if sub == "vae" else self.large_model_dtype,
             source_layout="mlx" if mlx_folder else "torch",
             stem=MLX_FORMAT["pixel_weights"] if mlx_folder else DIFFUSERS_STEM,
             quantization=self.checkpoint.quantization(component),

@@ -118,3 +118,19 @@ def test_small_text_vocabulary_checkpoint(tmp_path):
     ids = tokens.llm_ids(model.token_ids)
     assert ids[0] == 500 and ids[-1] == 501
     assert all(502 <= i < 502 + 16384 for i in ids[1:-1])
+
+
+def test_gpu_code_path_matches_fixture(official_tiny, monkeypatch):
+    """The branch taken on a GPU (MLX's own erf, exp, attention), forced on the CPU."""
+    from safetensors.numpy import load_file
+
+    from lavit_mlx.models import cpu_math
+
+    monkeypatch.setattr(cpu_math, "on_cpu", lambda x: False)
+    expected = load_file(str(official_tiny / "expected.safetensors"))
+    model = lavit_mlx.load(official_tiny / "checkpoint", vision_heads=2)
+    out = model.tokenize_pixels(expected["pixel_values"])
+    assert_close(out.merged, expected["merged_features"])
+    np.testing.assert_array_equal(out.codes[0], expected["code_ids"])
+    conditioning = np.array(model.decode_codes(out.codes, highres=False))
+    assert_close(conditioning, expected["lowres_condition"])
