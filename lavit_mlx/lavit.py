@@ -8,7 +8,6 @@ from `vision_heads` (16 in the release).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -32,7 +31,7 @@ from .image_processing import ImageInput, load_image, preprocess
 from .models.eva_vit import EVAVisionTransformer
 from .models.visual_tokenizer import DynamicVisualTokenizer, TokenizerOutput
 from .models.vq_decoder import VQDecoder
-from .weights import load_strict, shapes
+from .weights import load_strict, read_json, shapes
 
 
 @dataclass
@@ -76,10 +75,7 @@ class LaVIT:
         self._components: dict = {}
         llm_config = checkpoint.path / "language_model" / "config.json"
         if llm_config.is_file():
-            try:
-                self.config.llm = json.loads(llm_config.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{llm_config}: not valid JSON ({exc})") from None
+            self.config.llm = read_json(llm_config)
             self.config.llm_hidden = int(self.config.llm.get("hidden_size", self.config.llm_hidden))
 
     # ----------------------------------------------------------------- components
@@ -361,10 +357,7 @@ class LaVIT:
             config_path = folder / "scheduler" / "scheduler_config.json"
             if not config_path.is_file():
                 raise CheckpointError(f"checkpoint {self.checkpoint.path} is missing {config_path.relative_to(self.checkpoint.path)}")
-            try:
-                scheduler_config = json.loads(config_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+            scheduler_config = read_json(config_path)
             uncond = None
             if not highres:
                 name = "uncond_embeddings.safetensors" if self.checkpoint.kind == "mlx" else "uncond_embeddings.bin"

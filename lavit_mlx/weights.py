@@ -43,6 +43,14 @@ def read_weights(path: Path, keys: Optional[set] = None) -> Weights:
     return weights
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config, index); a bad one is a one-line CheckpointError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
 def read_sharded(path: Path, keys: Optional[set] = None) -> Weights:
     """Read `path`, or the shards listed in `path.index.json` when it was split."""
     path = Path(path)

@@ -10,7 +10,6 @@ channels-last (NHWC). On the CPU the heavy operations go through `cpu_math` and
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import CheckpointError, LaVITError
-from ..weights import Weights, load_strict, read_sharded, read_weights
+from ..weights import Weights, load_strict, read_json, read_sharded, read_weights
 from . import cpu_conv, cpu_math
 from .layers import merge_heads, split_heads
 
@@ -311,10 +310,7 @@ def read_diffusers_folder(folder: Path, what: str, stem: str = DIFFUSERS_STEM):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json for the {what}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json(config_path)
     safetensors = folder / f"{stem}.safetensors"
     if safetensors.is_file() or Path(f"{safetensors}.index.json").is_file():
         return config, read_sharded(safetensors)

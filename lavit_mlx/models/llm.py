@@ -10,7 +10,6 @@ weights strictly, quantizes, and wraps the sentencepiece tokenizer.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from mlx_lm.models.llama import ModelArgs
 from ..config import TokenIds
 from ..errors import CheckpointError, LaVITError
 from ..layout import KNOWN_EXTRAS
-from ..weights import read_weights
+from ..weights import read_json, read_weights
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -123,13 +122,6 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_
 
 
 # ----------------------------------------------------------------------------- weights
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-
-
 def weight_files(folder: Path) -> Tuple[List[Path], Dict[str, str]]:
     """The weight files of a transformers folder and the index's {key: file name} ({} without index).
 
@@ -138,7 +130,7 @@ def weight_files(folder: Path) -> Tuple[List[Path], Dict[str, str]]:
     for name in INDEX_FILES:
         index_path = folder / name
         if index_path.is_file():
-            index = _read_json(index_path)
+            index = read_json(index_path)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: no weight_map")
@@ -353,7 +345,7 @@ def load_language_model(
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: missing {CONFIG_FILE} (the LLaMA configuration)")
-    args = llama_args(_read_json(config_path))
+    args = llama_args(read_json(config_path))
     model = LlamaModel(args)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     # Quantizing reads at the stored dtype and casts layer by layer (lower peak memory).
@@ -420,7 +412,7 @@ class TextTokenizer:
         """The tokenizer of a `language_model/` folder (tokenizer.model, tokenizer_config.json)."""
         folder = Path(folder)
         config_path = folder / TOKENIZER_CONFIG_FILE
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         # LlamaTokenizer's defaults in 4.33.2: legacy when unset, no clean-up of spaces.
         return cls(folder / TOKENIZER_FILE, token_ids, legacy=config.get("legacy", True) is not False,
                    clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
@@ -473,7 +465,7 @@ def load_mlx_language_model(
     from ..weights import load_strict, read_sharded
 
     folder = Path(folder)
-    config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
+    config = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
     if config is None:
         raise CheckpointError(f"{folder}: missing {CONFIG_FILE} (the LLaMA configuration)")
     args = llama_args(config)
