@@ -99,7 +99,7 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="Check the MLX folder's files against its manifest checksums."),
 ):
     """Print versions, the MLX device and which BLAS MLX uses."""
-    from lavit_mlx.runtime import describe_runtime
+    from lavit_mlx.cpu.runtime import describe_runtime
 
     report, warnings = describe_runtime()
     for key, value in report.items():
@@ -353,9 +353,7 @@ def convert(
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `lavit` console script."""
-    from lavit_mlx.runtime import ensure_fast_runtime
-
-    ensure_fast_runtime()
+    import lavit_mlx  # noqa: F401  (loads the fast BLAS before anything imports mlx)
     from lavit_mlx.errors import LaVITError
 
     command = typer.main.get_command(app)

@@ -1,8 +1,14 @@
 """lavit-mlx: LaVIT (ICLR 2024) for Apple silicon with MLX.
 
 The public API is imported lazily so that `lavit_mlx.config` (shared with the PyTorch
-mirror in `lavit_train`) can be imported without mlx.
+mirror in `lavit_train`) can be imported without mlx. On Linux, importing the package
+first loads a fast BLAS into the process for MLX (`lavit_mlx.cpu.runtime`): it has to be
+in place before `mlx.core` is imported.
 """
+
+from .cpu import runtime as _runtime
+
+_runtime.prepare()
 
 __version__ = "0.1.0"
 

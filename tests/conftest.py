@@ -1,4 +1,4 @@
-"""Shared test setup: fast BLAS, the official fixture, scratch checkpoints."""
+"""Shared test setup: the official fixture, scratch checkpoints, the CLI runner."""
 
 from __future__ import annotations
 
@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lavit_mlx.runtime import ensure_fast_runtime, fast_runtime_env
-
-
-def pytest_configure(config):
-    """Re-execute pytest once with OpenBLAS preloaded on Linux (an 8x faster suite)."""
-    if fast_runtime_env() is None:
-        return
-    capture = config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        capture.stop_global_capturing()  # give the new process the real stdout/stderr
-    ensure_fast_runtime()
+import lavit_mlx  # noqa: F401  (first: it gives MLX a fast BLAS before mlx is imported)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -365,9 +365,8 @@ def main(argv=None) -> int:
         if not (args.fixture / name).exists():
             print(f"error: {args.fixture} is not a fixture folder (missing {name})", file=sys.stderr)
             return 2
-    from lavit_mlx.runtime import ensure_fast_runtime
+    import lavit_mlx  # noqa: F401  (the fast BLAS, before mlx)
 
-    ensure_fast_runtime()
     return run(args.fixture, args.allow_skip, args.vision_heads, args.verbose)
 
 

@@ -124,9 +124,9 @@ def test_gpu_code_path_matches_fixture(official_tiny, monkeypatch):
     """The branch taken on a GPU (MLX's own erf, exp, attention), forced on the CPU."""
     from safetensors.numpy import load_file
 
-    from lavit_mlx.models import cpu_math
+    from lavit_mlx import ops
 
-    monkeypatch.setattr(cpu_math, "on_cpu", lambda x: False)
+    monkeypatch.setattr(ops, "cpu_kernels", lambda x: False)
     expected = load_file(str(official_tiny / "expected.safetensors"))
     model = lavit_mlx.load(official_tiny / "checkpoint", vision_heads=2)
     out = model.tokenize_pixels(expected["pixel_values"])

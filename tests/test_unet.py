@@ -291,7 +291,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("batch,h,w,cin,cout,k,pad,path", CONV_CASES)
 def test_cpu_conv_paths_match_mlx_conv(batch, h, w, cin, cout, k, pad, path):
-    from lavit_mlx.models import cpu_conv
+    from lavit_mlx.cpu import conv as cpu_conv
 
     rng = np.random.default_rng(cin + cout)
     x = mx.array(rng.standard_normal((batch, h, w, cin)).astype(np.float32))
@@ -307,7 +307,7 @@ def test_cpu_conv_paths_match_mlx_conv(batch, h, w, cin, cout, k, pad, path):
 @pytest.mark.parametrize("batch,h,w,channels,tile", [(1, 64, 62, 64, 4), (2, 11, 13, 640, 2), (1, 40, 36, 64, 0),
                                                       (2, 5, 4, 8, 0)])
 def test_folded_upsample_conv_matches_upsample_then_conv(batch, h, w, channels, tile):
-    from lavit_mlx.models import cpu_conv
+    from lavit_mlx.cpu import conv as cpu_conv
     from lavit_mlx.models.diffusion_blocks import upsample_nearest
 
     rng = np.random.default_rng(channels)
@@ -324,7 +324,7 @@ def test_folded_upsample_conv_matches_upsample_then_conv(batch, h, w, channels, 
                                                ((2, 7, 64), 4, True)])
 def test_group_norm_silu_matches_torch(shape, groups, silu):
     torch = pytest.importorskip("torch")
-    from lavit_mlx.models import cpu_math
+    from lavit_mlx.cpu import kernels as cpu_math
 
     rng = np.random.default_rng(len(shape))
     x = (rng.standard_normal(shape) * 3 + 1.5).astype(np.float32)  # mean far from 0
@@ -342,7 +342,7 @@ def test_group_norm_silu_matches_torch(shape, groups, silu):
 
 def test_silu_geglu_attention_match_torch():
     torch = pytest.importorskip("torch")
-    from lavit_mlx.models import cpu_math
+    from lavit_mlx.cpu import kernels as cpu_math
 
     x = np.linspace(-60, 60, 600_000, dtype=np.float32).reshape(2, -1)  # large enough to split
     silu = torch.nn.functional.silu(torch.from_numpy(x).double()).numpy()
@@ -359,7 +359,7 @@ def test_silu_geglu_attention_match_torch():
     with torch.no_grad():
         ref = torch.nn.functional.scaled_dot_product_attention(
             *(torch.from_numpy(a) for a in (q, k, v)), attn_mask=torch.from_numpy(bias), scale=0.25).numpy()
-    out = cpu_math.attention_with_bias(mx.array(q), mx.array(k), mx.array(v), 0.25, mx.array(bias))
+    out = cpu_math.attention(mx.array(q), mx.array(k), mx.array(v), 0.25, mx.array(bias))
     assert max_rel(out, ref) <= 1e-5
 
 
@@ -375,7 +375,7 @@ def test_matches_diffusers_at_winograd_sizes(tmp_path):
     model.save_pretrained(str(tmp_path))
     inputs = case_inputs(case, 7)
     unet = load_unet(tmp_path)
-    from lavit_mlx.models import cpu_conv
+    from lavit_mlx.cpu import conv as cpu_conv
 
     resnet_conv = unet.down_blocks[0].resnets[0].conv1
     assert cpu_conv.winograd_tile(mx.zeros((2, 32, 32, 96)), resnet_conv.weight, 1, 1) == 4
@@ -396,9 +396,9 @@ def test_prepared_context_gives_the_same_prediction(diffusers_unets):
 def test_native_op_path_matches_fixture(official_checkpoint, expected, monkeypatch):
     """The path taken on a GPU (MLX's own conv, sigmoid, erf, attention), forced on the CPU."""
 
-    from lavit_mlx.models import cpu_math
+    from lavit_mlx import ops
 
-    monkeypatch.setattr(cpu_math, "on_cpu", lambda x: False)
+    monkeypatch.setattr(ops, "cpu_kernels", lambda x: False)
     unet = load_unet(official_checkpoint / "highres_pixel_decoding" / "unet")
     latents = expected["unet_latents"]
     batch = latents.shape[0]

@@ -84,7 +84,7 @@ def test_encode_decode_match_diffusers(name, diffusers_vaes):
     folder, images, reference = diffusers_vaes[name]
     vae = load_vae(folder)
     if name == "winograd_sizes":
-        from lavit_mlx.models import cpu_conv
+        from lavit_mlx.cpu import conv as cpu_conv
 
         full_size = mx.zeros((1, 64, 64, 64))
         assert cpu_conv.winograd_tile(full_size, vae.decoder.up_blocks[-1].resnets[0].conv1.weight, 1, 1) == 4
@@ -160,9 +160,9 @@ def test_missing_weights_file_is_named(tmp_path):
 def test_native_op_path_matches_diffusers(diffusers_vaes, monkeypatch):
     """The path taken on a GPU (MLX's own conv, GroupNorm, sigmoid, attention), forced on the CPU."""
 
-    from lavit_mlx.models import cpu_math
+    from lavit_mlx import ops
 
-    monkeypatch.setattr(cpu_math, "on_cpu", lambda x: False)
+    monkeypatch.setattr(ops, "cpu_kernels", lambda x: False)
     folder, images, reference = diffusers_vaes["winograd_sizes"]
     vae = load_vae(folder)
     assert max_rel(vae.encode(images).mean, reference["mean"]) <= TOL

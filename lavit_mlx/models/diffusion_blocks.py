@@ -4,8 +4,8 @@ attention, the transformer block of the UNet, and reading diffusers model folder
 
 Follows diffusers 0.42 `models/resnet.py`, `models/attention.py`,
 `models/attention_processor.py`, `models/transformers/transformer_2d.py`. Activations are
-channels-last (NHWC). On the CPU the heavy operations go through `cpu_math` and
-`cpu_conv`; on a GPU MLX's own operations are used.
+channels-last (NHWC). The heavy operations go through `lavit_mlx.ops` (CPU kernels in float32 on the CPU,
+MLX's own operations elsewhere).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import CheckpointError, LaVITError
 from ..weights import Weights, load_strict, read_json, read_sharded, read_weights
-from . import cpu_conv, cpu_math
+from .. import ops
+from ..cpu.conv import derived_weights
 from .layers import merge_heads, split_heads
 
 # diffusers' padding bias for masked-out context tokens (unet_2d_condition.py).
@@ -39,7 +40,7 @@ def as_mx(x, dtype=None) -> mx.array:
 
 # --------------------------------------------------------------------------- building blocks
 class DerivedWeights:
-    """CPU re-arrangements of a conv kernel (`cpu_conv.derived_weights`), kept per key until
+    """CPU re-arrangements of a conv kernel (`lavit_mlx.cpu.conv.derived_weights`), kept per key until
     the weight array is replaced.
 
     A plain object, not an array container, so MLX does not count it as a parameter.
@@ -55,14 +56,14 @@ class DerivedWeights:
         if self.weight is not weight:
             self.weight, self.values = weight, {}
         if key not in self.values:
-            self.values[key] = cpu_conv.derived_weights(weight, key)
+            self.values[key] = derived_weights(weight, key)
         return self.values[key]
 
 
 class Conv2d(nn.Module):
     """A torch-style 2-D convolution on NHWC input; `weight` is (out, kh, kw, in) as MLX stores it.
 
-    On the CPU, large 3x3 convolutions run as Winograd convolutions (see cpu_math).
+    On the CPU, large 3x3 convolutions run as Winograd convolutions (see lavit_mlx.cpu.conv).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -79,7 +80,7 @@ class Conv2d(nn.Module):
         return self.derived.get(self.weight, key)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return cpu_conv.conv2d(x, self.weight, self.get("bias"), self.stride, self.padding, self.cached)
+        return ops.conv2d(x, self.weight, self.get("bias"), self.stride, self.padding, self.cached)
 
 
 class GroupNorm(nn.Module):
@@ -93,7 +94,7 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((num_channels,))
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
-        return cpu_math.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
+        return ops.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu)
 
 
 class ResnetBlock2D(nn.Module):
@@ -152,7 +153,7 @@ def upsample_nearest(x: mx.array, size: Optional[tuple] = None) -> mx.array:
 
 
 class Upsample2D(nn.Module):
-    """Nearest 2x upsampling, then a 3x3 conv (as four folded 2x2 convs on the CPU, see cpu_math)."""
+    """Nearest 2x upsampling, then a 3x3 conv (as four folded 2x2 convs on the CPU, see lavit_mlx.cpu.conv)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -162,7 +163,7 @@ class Upsample2D(nn.Module):
         B, H, W, _ = x.shape
         if size is not None and tuple(size) != (2 * H, 2 * W):
             return self.conv(upsample_nearest(x, size))
-        return cpu_conv.upsample2x_conv3x3(x, self.conv.weight, self.conv.get("bias"), self.conv.cached)
+        return ops.upsample2x_conv3x3(x, self.conv.weight, self.conv.get("bias"), self.conv.cached)
 
 
 @dataclass
@@ -204,7 +205,7 @@ class Attention(nn.Module):
         else:
             k, v = self.project_context(x if context is None else context)
         q = split_heads(self.to_q(x), self.heads)  # (B, heads, N, head_dim)
-        return self.to_out[0](merge_heads(cpu_math.attention_with_bias(q, k, v, self.scale, bias)))
+        return self.to_out[0](merge_heads(ops.attention(q, k, v, self.scale, bias)))
 
 
 class GEGLU(nn.Module):
@@ -214,7 +215,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
-        return cpu_math.geglu(hidden, gate)
+        return ops.geglu(hidden, gate)
 
 
 class Dropout(nn.Module):

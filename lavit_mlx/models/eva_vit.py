@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import EVAConfig
-from . import cpu_math
+from .. import ops
 from .layers import Mlp, merge_heads, split_heads
 
 
@@ -30,7 +30,7 @@ class Attention(nn.Module):
         bias = mx.concatenate([self.q_bias, mx.zeros_like(self.v_bias), self.v_bias])
         q, k, v = mx.split(self.qkv(x) + bias, 3, axis=-1)
         h = self.num_heads
-        out = cpu_math.attention(split_heads(q, h), split_heads(k, h), split_heads(v, h), self.scale)
+        out = ops.attention(split_heads(q, h), split_heads(k, h), split_heads(v, h), self.scale)
         return self.proj(merge_heads(out))
 
 

@@ -13,21 +13,21 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_math
+from .. import ops
 
 # attend(q, k, v, scale) -> (B, heads, N, head_dim)
 AttendFn = Callable[[mx.array, mx.array, mx.array, float], mx.array]
 
 
 def softmax_attend(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    return cpu_math.attention(q, k, v, scale)
+    return ops.attention(q, k, v, scale)
 
 
 class GELU(nn.Module):
-    """Exact (erf) GELU, fast on the CPU (see `cpu_math`)."""
+    """Exact (erf) GELU (`ops.gelu`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return cpu_math.gelu(x)
+        return ops.gelu(x)
 
 
 def split_heads(x: mx.array, num_heads: int) -> mx.array:
@@ -47,7 +47,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(cpu_math.gelu(self.fc1(x)))
+        return self.fc2(ops.gelu(self.fc1(x)))
 
 
 class SelfAttention(nn.Module):

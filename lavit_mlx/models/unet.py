@@ -13,7 +13,7 @@ keys, so loading is config -> model -> `sanitize` (conv OIHW -> OHWI) -> strict 
 The building blocks (`Conv2d`, `GroupNorm`, `ResnetBlock2D`, `Attention`, up/down
 samplers, the transformer block) are in `diffusion_blocks.py`, shared with the VAE.
 
-On the CPU the heavy operations go through `cpu_math`: Winograd convolutions (with the
+On the CPU the heavy operations go through `lavit_mlx.ops`: Winograd convolutions (with the
 transformed kernels cached per conv), folded upsample+conv, GroupNorm+SiLU as one
 scale/shift kernel, exps without libm. On a GPU MLX's own operations are used. For a
 sampling loop, `prepare_context` projects the conditioning's cross-attention keys and
@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import CheckpointError, LaVITError
 from ..weights import Weights
-from . import cpu_math
+from .. import ops
 from .diffusion_blocks import (
     MASK_BIAS,
     BasicTransformerBlock,
@@ -290,7 +290,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(cpu_math.silu(self.linear_1(x)))
+        return self.linear_2(ops.silu(self.linear_1(x)))
 
 
 def timestep_embedding(timesteps: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> mx.array:
@@ -388,7 +388,7 @@ class UNet2DConditionModel(nn.Module):
         else:
             context = as_mx(encoder_hidden_states, dtype)
             context_bias = self.mask_bias(encoder_attention_mask)
-        temb_act = cpu_math.silu(self.time_embed(timestep, batch, text_embeds, time_ids))
+        temb_act = ops.silu(self.time_embed(timestep, batch, text_embeds, time_ids))
 
         # Latent sizes that the down path cannot halve exactly: upsample back to the skip's size.
         levels = len(self.up_blocks) - 1

@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from ..errors import CheckpointError
 from ..weights import Weights
-from . import cpu_math
+from .. import ops
 from .diffusion_blocks import (
     Attention,
     Conv2d,
@@ -184,7 +184,7 @@ class LatentDistribution:
 
     @property
     def std(self) -> mx.array:
-        return cpu_math.exp(0.5 * self.logvar)
+        return ops.exp(0.5 * self.logvar)
 
     def sample(self, key: Optional[mx.array] = None) -> mx.array:
         return self.mean + self.std * mx.random.normal(self.mean.shape, dtype=self.mean.dtype, key=key)

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import TokenizerConfig
-from . import cpu_math
+from .. import ops
 from .layers import GELU, CrossAttention, Mlp, SelfAttention
 
 POLICY_EPS = 1e-6
@@ -33,12 +33,7 @@ def policy_attend(visible: mx.array):
     """
 
     def attend(q, k, v, scale):
-        scores = (q @ k.transpose(0, 1, 3, 2)) * scale
-        scores = scores - mx.max(scores, axis=-1, keepdims=True)
-        weights = cpu_math.exp(scores) * visible
-        m = scores.shape[-1]
-        probs = (weights + POLICY_EPS / m) / (mx.sum(weights, axis=-1, keepdims=True) + POLICY_EPS)
-        return probs @ v
+        return ops.policy_attention(q, k, v, scale, visible)
 
     return attend
 

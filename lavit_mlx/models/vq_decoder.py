@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import VQDecoderConfig
-from . import cpu_math
+from .. import ops
 from .layers import CrossAttention, Mlp, SelfAttention, split_heads, merge_heads
 
 PAD_BIAS = -10000.0  # added to the scores of padded code positions, as the release does
@@ -27,8 +27,7 @@ def padded_attend(bias: mx.array):
     """Softmax attention with an additive (B, 1, 1, T) bias on the keys."""
 
     def attend(q, k, v, scale):
-        scores = (q * scale) @ k.transpose(0, 1, 3, 2) + bias
-        return cpu_math.softmax(scores) @ v
+        return ops.attention(q, k, v, scale, bias)
 
     return attend
 
@@ -68,7 +67,7 @@ class AttentionPool(nn.Module):
         h = self.num_heads
         scale = (x.shape[-1] // h) ** -0.5
         query = split_heads(self.q_proj(x[:, :1]), h)  # only the mean token's output is kept
-        out = cpu_math.attention(query, split_heads(self.k_proj(x), h), split_heads(self.v_proj(x), h), scale)
+        out = ops.attention(query, split_heads(self.k_proj(x), h), split_heads(self.v_proj(x), h), scale)
         return self.c_proj(merge_heads(out))[:, 0]
 
 

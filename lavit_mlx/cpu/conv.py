@@ -1,6 +1,6 @@
 """Convolutions that are fast on MLX's CPU backend (UNet, VAE): Winograd 3x3 convs,
 folded nearest-upsample + conv, and matmul paths for few input or output channels.
-On a GPU (or any non-float32 input) MLX's own convolution is used.
+CPU float32 only; `lavit_mlx.ops` uses MLX's own convolution elsewhere.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from fractions import Fraction
 
 import mlx.core as mx
 
-from . import cpu_math
 
 
 # Winograd minimal filtering F(m x m, r x r) (Lavin & Gray 2016): each m x m output tile
@@ -88,7 +87,7 @@ def winograd_weights(weight: mx.array, m: int) -> mx.array:
 def winograd_tile(x: mx.array, weight: mx.array, stride: int = 1, padding: int = 1) -> int:
     """The output tile size m (4 or 2) Winograd should use for this conv, or 0 for a direct conv."""
     out_channels, kh, kw, in_channels = weight.shape
-    if not (cpu_math.on_cpu(x) and kh == kw and kh in (2, 3) and stride == 1
+    if not (kh == kw and kh in (2, 3) and stride == 1
             and min(in_channels, out_channels) >= _WINOGRAD_MIN_CHANNELS):
         return 0
     out_h, out_w = x.shape[1] + 2 * padding - kh + 1, x.shape[2] + 2 * padding - kw + 1
@@ -167,7 +166,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1
         padded = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
         return winograd_correlate(padded, transformed, m, kh, bias, x.shape[1], x.shape[2])
     B, H, W, _ = x.shape
-    if (cpu_math.on_cpu(x) and stride == 1 and out_channels <= _SHIFT_MAX_OUT and H * W >= _SHIFT_MIN_PIXELS
+    if (stride == 1 and out_channels <= _SHIFT_MAX_OUT and H * W >= _SHIFT_MIN_PIXELS
             and 2 * padding == kh - 1 == kw - 1):
         # Few output channels on a large map (the VAE's conv_out): MLX unfolds kh*kw copies of
         # the input for one thin matmul. Instead, on the padded image flattened to rows of
@@ -182,7 +181,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1
                 total = tap if total is None else total + tap
         y = total.reshape(B, H, row, out_channels)[:, :, :W, :]
         return y + bias if bias is not None else y
-    if cpu_math.on_cpu(x) and stride == 1 and kh * kw * in_channels <= _IM2COL_MAX_DEPTH:
+    if stride == 1 and kh * kw * in_channels <= _IM2COL_MAX_DEPTH:
         # Few input channels (the UNet's conv_in): MLX's conv is slow there; unfold and matmul.
         out_h, out_w = H + 2 * padding - kh + 1, W + 2 * padding - kw + 1
         padded = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
@@ -241,9 +240,6 @@ def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, cac
     `cached(key)` as for `conv2d`.
     """
     B, H, W, C = x.shape
-    if not cpu_math.on_cpu(x):
-        up = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
-        return conv2d(up, weight, bias, padding=1)
     get = cached or (lambda key: derived_weights(weight, key))
     padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
     m = winograd_tile(padded[:, 1:, 1:, :], weight[:, :2, :2, :], padding=0)  # valid 2x2 over (H + 1, W + 1)

@@ -11,8 +11,10 @@ vectorise it (see below), and large passes are split over two threads:
   fit made for this project; |error| <= 4e-7 in float32 (libm: 3e-8);
 - e^t = (e^(t/32))^32 with e^(t/32) from its degree-9 Taylor polynomial.
 
-On a GPU the native operations are used: they are fast and exact there. Without a C++
-compiler for MLX's CPU JIT the same forms run uncompiled (slower, still no libm).
+These are the CPU implementations only; `lavit_mlx.ops` decides where they apply (float32
+on the CPU) and uses MLX's native operations elsewhere. Kernels are compiled once per
+module-level function (never per call). Without a C++ compiler for MLX's CPU JIT the
+same forms run uncompiled (slower, still no libm).
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ import mlx.core as mx
 _ERF_CLAMP = 3.9
 _ERF_P = (1.12837918e00, 1.92157537e-01, 5.56343067e-02, 4.19399410e-03, 4.09690526e-04, 6.75065067e-06)
 _ERF_Q = (1.0, 5.03628748e-01, 1.17179805e-01, 1.62256773e-02, 1.41246405e-03, 7.22897641e-05, 2.57653042e-07)
-
-
-def on_cpu(x: mx.array) -> bool:
-    return mx.default_device() == mx.cpu and x.dtype == mx.float32
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +157,7 @@ def _elementwise(fn, x: mx.array, *args: mx.array) -> mx.array:
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x)."""
-    return _elementwise(_silu_fast, x) if on_cpu(x) else x * mx.sigmoid(x)
+    return _elementwise(_silu_fast, x)
 
 
 def _spatial_sum(x: mx.array) -> mx.array:
@@ -183,12 +181,6 @@ def group_norm(
     def per_channel(group_values):  # (B, groups) -> (B, 1, ..., 1, C)
         return mx.repeat(group_values, per_group, axis=-1).reshape(B, *([1] * (x.ndim - 2)), C)
 
-    if not on_cpu(x):
-        grouped = x.reshape(B, -1, num_groups, per_group)
-        mean = mx.mean(grouped, axis=(1, 3), keepdims=True)
-        var = mx.var(grouped, axis=(1, 3), keepdims=True)
-        y = ((grouped - mean) * mx.rsqrt(var + eps)).reshape(x.shape) * weight + bias
-        return y * mx.sigmoid(y) if apply_silu else y
     mean = _spatial_sum(x).reshape(B, num_groups, per_group).sum(axis=-1) / count  # (B, groups)
     mean_c = per_channel(mean)
     var = _spatial_sum(_kernel(_centred_square)(x, mean_c)).reshape(B, num_groups, per_group).sum(axis=-1) / count
@@ -197,17 +189,12 @@ def group_norm(
     return _elementwise(_affine_silu if apply_silu else _affine, x, scale, shift)
 
 
-def attention_with_bias(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.array | None
-) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.array | None = None) -> mx.array:
     """softmax(q k^T * scale + bias) v for (B, heads, N, head_dim) inputs.
 
     `bias` (optional) is additive and broadcasts against the scores (B, heads, N, L),
     e.g. a padding bias of shape (B, 1, 1, L).
     """
-    if not on_cpu(q):
-        mask = None if bias is None else bias.astype(q.dtype)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, heads, N, L)
     if bias is not None:
         scores = scores + bias
@@ -218,8 +205,6 @@ def attention_with_bias(
 
 def geglu(hidden: mx.array, gate: mx.array) -> mx.array:
     """hidden * gelu(gate) (exact GELU), the gated activation of diffusers' GEGLU."""
-    if not on_cpu(hidden):
-        return hidden * (0.5 * gate * (1.0 + mx.erf(gate * (1.0 / math.sqrt(2.0)))))
     return _elementwise(_gelu_gate, hidden, gate)
 
 
@@ -232,34 +217,29 @@ def _gelu_fast(x: mx.array) -> mx.array:
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU."""
-    if not on_cpu(x):
-        return 0.5 * x * (1.0 + mx.erf(x * (1.0 / math.sqrt(2.0))))
     return _elementwise(_gelu_fast, x)
 
 
+def _clamped_exp(x: mx.array) -> mx.array:
+    return _exp_by_squaring(_at_least(_at_most(x, 20.0), -30.0))
+
+
 def exp(x: mx.array) -> mx.array:
-    """e^x for x in [-30, 20] (clamped there on the CPU), e.g. a VAE's std from its clamped logvar."""
-    if not on_cpu(x):
-        return mx.exp(x)
-    return _elementwise(lambda v: _exp_by_squaring(_at_least(_at_most(v, 20.0), -30.0)), x)
+    """e^x for x clamped to [-30, 20], e.g. a VAE's std from its clamped logvar."""
+    return _elementwise(_clamped_exp, x)
 
 
 def exp_from_max(scores: mx.array) -> mx.array:
     """e^(scores - max over the last axis), the unnormalised softmax weights."""
-    row_max = mx.max(scores, axis=-1, keepdims=True)
-    if not on_cpu(scores):
-        return mx.exp(scores - row_max)
-    return _elementwise(_softmax_weights, scores, row_max)
+    return _elementwise(_softmax_weights, scores, mx.max(scores, axis=-1, keepdims=True))
 
 
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis."""
-    if not on_cpu(x):
-        return mx.softmax(x, axis=-1, precise=True)
     weights = exp_from_max(x)
     return weights / mx.sum(weights, axis=-1, keepdims=True)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale) v for (B, heads, N, head_dim) inputs."""
-    return attention_with_bias(q, k, v, scale, None)
+def kernel_cache_size() -> int:
+    """Number of compiled kernels held (constant once every kernel has run once)."""
+    return len(_KERNELS)

@@ -1,21 +1,25 @@
-/* Skinny-GEMM interposer for MLX on Linux CPUs (built and preloaded by lavit_mlx/runtime.py).
+/* The BLAS entry points MLX's CPU backend calls, bound at run time to a fast BLAS
+ * (built and loaded by lavit_mlx/cpu/runtime.py before MLX is imported).
  *
- * MLX's CPU backend computes every float32 matmul with cblas_sgemm. OpenBLAS 0.3.21
- * (Debian 12) packs the weight matrix even for 1..8 rows, which halves the memory
- * bandwidth of LLM decoding (x @ W.T with a few rows x): ~13 GB/s against ~30 GB/s for
- * sgemv on a 2-core Xeon. Preloaded before OpenBLAS, this library computes row-major
- * x (M <= 8 rows) times W^T (W stored (N, K) row-major, as nn.Linear keeps it) by
- * streaming W once, 4 rows at a time, with the M dot products per row served from
- * cache; every other call goes on to the next cblas_sgemm (OpenBLAS).
+ * libmlx.so calls cblas_sgemm, cblas_dgemm and cblas_cgemm. The pip wheel
+ * scipy-openblas32 (a current OpenBLAS that knows new CPUs) exports them only with a
+ * `scipy_` prefix, so this library defines the unprefixed names and forwards them to the
+ * functions `lavit_blas_bind` is given (scipy_cblas_* of that wheel, or the plain
+ * cblas_* of a system OpenBLAS). Loaded with RTLD_GLOBAL before libmlx.so, its
+ * definitions are the ones MLX's references resolve to.
+ *
+ * It also computes skinny products itself: OpenBLAS packs the whole weight matrix even
+ * for 1..8 rows, which halves the memory bandwidth of LLM decoding (x @ W.T with a few
+ * rows x): ~13 GB/s against ~30 GB/s on a 2-core Xeon. Row-major x (M <= 8 rows) times
+ * W^T (W stored (N, K) row-major, as nn.Linear keeps it) streams W once, 4 rows at a
+ * time, with the M dot products per row served from cache.
  * Threads: one helper per extra core, sleeping on a condition variable between calls
  * (no spinning: spinning helpers starve MLX's own thread on a busy 2-core machine);
  * blocks of W are handed out dynamically, so a preempted thread does less.
  *
- * Build: cc -O3 -march=native -shared -fPIC -pthread -o libskinny_sgemm.so skinny_sgemm.c -ldl
- * Use:   LD_PRELOAD=/path/libskinny_sgemm.so:/usr/lib/x86_64-linux-gnu/libopenblas.so.0
+ * Build: cc -O3 -march=native -shared -fPIC -pthread -o liblavit_blas.so blas_shim.c
  */
 #define _GNU_SOURCE
-#include <dlfcn.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -127,16 +131,42 @@ static void skinny(struct job *job) {
   pthread_mutex_unlock(&pool_lock);
 }
 
-static sgemm_fn next_sgemm;
+typedef void (*dgemm_fn)(int, int, int, int, int, int, double, const double *, int, const double *, int, double,
+                         double *, int);
+typedef void (*cgemm_fn)(int, int, int, int, int, int, const void *, const void *, int, const void *, int,
+                         const void *, void *, int);
+static sgemm_fn target_sgemm;
+static dgemm_fn target_dgemm;
+static cgemm_fn target_cgemm;
+static int skinny_enabled = 1;
+
+/* Called once, before MLX is imported, with the fast BLAS's functions. */
+int lavit_blas_bind(void *sgemm, void *dgemm, void *cgemm, int skinny_kernel) {
+  if (!sgemm || !dgemm || !cgemm) return -1;
+  target_sgemm = (sgemm_fn)sgemm;
+  target_dgemm = (dgemm_fn)dgemm;
+  target_cgemm = (cgemm_fn)cgemm;
+  skinny_enabled = skinny_kernel;
+  return 0;
+}
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
-  if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && M >= 1 && M <= MAX_ROWS && N >= MIN_SIZE &&
-      K >= MIN_SIZE) {
+  if (skinny_enabled && order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && M >= 1 && M <= MAX_ROWS &&
+      N >= MIN_SIZE && K >= MIN_SIZE) {
     struct job job = {M, N, K, lda, ldb, ldc, (N + W_ROWS - 1) / W_ROWS, alpha, beta, A, B, C, 0};
     skinny(&job);
     return;
   }
-  if (!next_sgemm) next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
-  next_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  target_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void cblas_dgemm(int order, int trans_a, int trans_b, int M, int N, int K, double alpha, const double *A, int lda,
+                 const double *B, int ldb, double beta, double *C, int ldc) {
+  target_dgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void cblas_cgemm(int order, int trans_a, int trans_b, int M, int N, int K, const void *alpha, const void *A, int lda,
+                 const void *B, int ldb, const void *beta, void *C, int ldc) {
+  target_cgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
