@@ -22,7 +22,7 @@ import numpy as np
 from .config import TokenIds
 from .errors import LaVITError
 from .models.llm import LanguageModel
-from .sampling import check_common, choose_tokens, id_mask, make_key, neg_inf, pipelined
+from .sampling import check_common, collect, decode, make_logits_processors, make_sampler, row_seeds
 
 
 @dataclass
@@ -75,7 +75,8 @@ def stream_image_tokens(
         negative_prompt_ids: None (the unconditional branch is `[IMG]` alone at
             position 0), one id list for every prompt, or one list per prompt. As in
             transformers, these ids are the whole start of the unconditional branch.
-        seed: sampling seed (same seed, same tokens); None draws one.
+        seed: sampling seed; prompt i samples with seed + i, so one image of a batch can
+            be regenerated alone. None draws one.
         two_pass: run the unconditional branch as a separate forward with its own
             cache, as the release does (for comparison; same tokens, slower).
 
@@ -118,27 +119,11 @@ def stream_image_tokens(
             lm.next_logits(input_ids=tokens[:, None], cache=uncond_cache),
         ])
 
-    suppress_mask = id_mask(vocab, text_suppression(ids))
-    end_mask = id_mask(vocab, [ids.image_end])
-    state = {"ended": mx.zeros((rows,), dtype=mx.bool_), "key": make_key(seed)}
-
-    def choose(logits: mx.array, step: int) -> mx.array:
-        if guided:
-            scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            cond, uncond = scores[:rows], scores[rows:]
-            scores = config.guidance_scale * (cond - uncond) + uncond
-        else:
-            scores = logits
-        if step < config.min_new_tokens:
-            scores = neg_inf(scores, end_mask)
-        scores = neg_inf(scores, suppress_mask)
-        state["key"], sub = mx.random.split(state["key"])
-        tokens = choose_tokens(scores, config.do_sample, config.temperature, config.top_k, config.top_p, sub)
-        tokens = mx.where(state["ended"], ids.pad, tokens)
-        state["ended"] = state["ended"] | (tokens == ids.image_end)
-        return tokens
-
-    yield from pipelined(choose, forward, logits, config.max_new_tokens, ids.image_end)
+    processors = make_logits_processors(ids, vocab, end_id=ids.image_end, min_new=config.min_new_tokens,
+                                        suppress=text_suppression(ids), guidance=config.guidance_scale)
+    sampler = make_sampler(config.do_sample, config.temperature, config.top_k, config.top_p, row_seeds(seed, rows))
+    yield from decode(logits, forward, processors, sampler, rows, config.max_new_tokens, ids.image_start,
+                      ids.image_end, ids.pad)
 
 
 def generate_image_tokens(
@@ -153,12 +138,7 @@ def generate_image_tokens(
 
     `visual_codes` turns them into codebook indices.
     """
-    out: List[List[int]] = [[] for _ in prompts]
-    for tokens in stream_image_tokens(lm, prompts, config, negative_prompt_ids, seed, two_pass):
-        for row, token in enumerate(tokens):
-            if token is not None:
-                out[row].append(token)
-    return out
+    return collect(stream_image_tokens(lm, prompts, config, negative_prompt_ids, seed, two_pass), len(prompts))
 
 
 def visual_codes(generated: Sequence[int], token_ids: TokenIds) -> List[int]:

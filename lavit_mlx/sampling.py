@@ -25,9 +25,8 @@ processing stays on the device. `generate_text` collects.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -35,6 +34,7 @@ import numpy as np
 from .config import TokenIds
 from .errors import LaVITError
 from .models.llm import LanguageModel
+from .seeding import MAX_SEED, check_seed, new_seed
 
 # transformers' BeamSearch initial score of every beam but the first, and its candidate
 # count per row: max(2, 1 + number of eos ids) * num_beams.
@@ -94,6 +94,13 @@ def check_common(max_new, min_new, temperature, top_k, top_p):
 
 
 # ----------------------------------------------------------------------------- processors
+# Logits processors in mlx-lm's convention, `processor(tokens, logits) -> logits`, where
+# `tokens` (rows, t) is what transformers keeps in input_ids: the bos, then every token
+# generated so far. They apply in transformers' order (see `make_logits_processors`).
+Processor = Callable[[mx.array, mx.array], mx.array]
+Sampler = Callable[[mx.array], mx.array]
+
+
 def id_mask(vocab_size: int, ids: Sequence[int]) -> mx.array:
     mask = np.zeros(vocab_size, dtype=bool)
     mask[np.asarray(list(ids), dtype=np.int64)] = True
@@ -109,10 +116,59 @@ def neg_inf(scores: mx.array, mask: mx.array) -> mx.array:
     return mx.where(mask, mx.array(-mx.inf, scores.dtype), scores)
 
 
-def _repetition_penalty(scores, seen, penalty):
-    # RepetitionPenaltyLogitsProcessor: tokens already in input_ids (bos included).
-    penalised = mx.where(scores < 0, scores * penalty, scores / penalty)
-    return mx.where(seen, penalised, scores)
+def suppress_tokens(ids: Sequence[int], vocab_size: int) -> Processor:
+    """SuppressTokensLogitsProcessor: these ids are never generated."""
+    mask = id_mask(vocab_size, ids)
+    return lambda tokens, logits: neg_inf(logits, mask)
+
+
+def min_new_tokens(count: int, end_id: int, vocab_size: int) -> Processor:
+    """MinNewTokensLengthLogitsProcessor: `end_id` is forbidden until `count` new tokens
+    (the bos in `tokens` is not counted)."""
+    mask = id_mask(vocab_size, [end_id])
+    return lambda tokens, logits: neg_inf(logits, mask) if tokens.shape[1] - 1 < count else logits
+
+
+def repetition_penalty(penalty: float) -> Processor:
+    """RepetitionPenaltyLogitsProcessor over the tokens in `tokens` (the bos included)."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        seen = mx.zeros(logits.shape, mx.bool_)
+        seen = mx.put_along_axis(seen, tokens, mx.ones(tokens.shape, mx.bool_), axis=-1)
+        penalised = mx.where(logits < 0, logits * penalty, logits / penalty)
+        return mx.where(seen, penalised, logits)
+
+    return process
+
+
+def classifier_free_guidance(scale: float) -> Processor:
+    """UnbatchedClassifierFreeGuidanceLogitsProcessor on one batch [cond rows; uncond rows]:
+    both go through log-softmax and out = scale * (cond - uncond) + uncond. It halves the
+    rows, so it comes first."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        rows = scores.shape[0] // 2
+        cond, uncond = scores[:rows], scores[rows:]
+        return scale * (cond - uncond) + uncond
+
+    return process
+
+
+def make_logits_processors(token_ids: TokenIds, vocab_size: int, *, end_id: int, min_new: int,
+                           suppress: Sequence[int], repetition: float = 1.0,
+                           guidance: Optional[float] = None) -> List[Processor]:
+    """LaVIT's decoding rules as processors, in transformers 4.33.2's order: classifier-free
+    guidance, repetition penalty, min_new_tokens, suppress_tokens."""
+    processors: List[Processor] = []
+    if guidance is not None and guidance != 1.0:  # transformers adds no guidance processor at 1
+        processors.append(classifier_free_guidance(guidance))
+    if repetition != 1.0:
+        processors.append(repetition_penalty(repetition))
+    if min_new > 0:
+        processors.append(min_new_tokens(min_new, end_id, vocab_size))
+    processors.append(suppress_tokens(suppress, vocab_size))
+    return processors
 
 
 def _warp(scores: mx.array, temperature: float, top_k: int, top_p: float, min_keep: int = 1) -> mx.array:
@@ -133,26 +189,87 @@ def _warp(scores: mx.array, temperature: float, top_k: int, top_p: float, min_ke
     return scores
 
 
-def choose_tokens(scores, do_sample, temperature, top_k, top_p, key):
+def row_seeds(seed: Optional[int], rows: int) -> List[int]:
+    """Row i samples with seed + i, so that a row of a batch can be reproduced alone."""
+    base = check_seed(seed) if seed is not None else new_seed()
+    return [(base + i) % (MAX_SEED + 1) for i in range(rows)]
+
+
+def make_sampler(do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seeds: Sequence[int] = ()) -> Sampler:
+    """`sampler(scores) -> tokens` in mlx-lm's convention: argmax, or the warpers and then
+    a draw from softmax(scores) with each row's own key (row i of a batch draws exactly
+    what it would draw alone with the same seed)."""
     if not do_sample:
-        return mx.argmax(scores, axis=-1).astype(mx.int32)
-    scores = _warp(scores, temperature, top_k, top_p)
-    return mx.random.categorical(scores, axis=-1, key=key).astype(mx.int32)
+        return lambda scores: mx.argmax(scores, axis=-1).astype(mx.int32)
+    keys = [mx.random.key(s) for s in seeds]
+
+    def sample(scores: mx.array) -> mx.array:
+        if len(keys) != scores.shape[0]:
+            raise LaVITError(f"the sampler has {len(keys)} seeds for {scores.shape[0]} rows")
+        scores = _warp(scores, temperature, top_k, top_p)
+        noise = []
+        for i, key in enumerate(keys):
+            keys[i], sub = mx.random.split(key)
+            noise.append(mx.random.gumbel(scores.shape[1:], key=sub))
+        # argmax(scores + Gumbel noise) is a draw from softmax(scores) (mx.random.categorical)
+        return mx.argmax(scores + mx.stack(noise), axis=-1).astype(mx.int32)
+
+    return sample
 
 
-def make_key(seed: Optional[int]) -> mx.array:
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
-    return mx.random.key(seed)
+# ----------------------------------------------------------------------------- the decoding loop
+def decode(
+    logits: mx.array,
+    forward: Callable[[mx.array], mx.array],
+    processors: Sequence[Processor],
+    sampler: Sampler,
+    rows: int,
+    max_new_tokens: int,
+    bos_id: int,
+    end_id: int,
+    pad_id: int,
+) -> Iterator[List[Optional[int]]]:
+    """The token loop every decoder shares (mlx-lm `generate_step`, batched).
+
+    `logits` are the prefill's last-position logits, `forward(tokens)` gives the next ones
+    for the (rows,) tokens just chosen (guided decoding feeds both branches). Yields each
+    step's token per row, or None once a row has produced `end_id` (which is yielded);
+    ended rows are fed `pad_id`, as transformers does. The next step is queued
+    (`mx.async_eval`) before the host reads this one.
+    """
+
+    def choose(logits: mx.array, history: mx.array, ended: mx.array) -> tuple:
+        scores = logits
+        for process in processors:
+            scores = process(history, scores)
+        tokens = mx.where(ended, pad_id, sampler(scores))
+        return tokens, mx.concatenate([history, tokens[:, None]], axis=1), ended | (tokens == end_id)
+
+    history = mx.full((rows, 1), bos_id, dtype=mx.int32)  # transformers' input_ids start as [[bos]]
+    tokens, history, ended = choose(logits, history, mx.zeros((rows,), dtype=mx.bool_))
+    mx.async_eval(tokens)
+    done = [False] * rows
+    for step in range(max_new_tokens):
+        if step + 1 < max_new_tokens:
+            upcoming = choose(forward(tokens), history, ended)
+            mx.async_eval(upcoming[0])
+        values = tokens.tolist()
+        yield [None if done[r] else values[r] for r in range(rows)]
+        done = [done[r] or values[r] == end_id for r in range(rows)]
+        if all(done) or step + 1 == max_new_tokens:
+            return
+        tokens, history, ended = upcoming
 
 
-def _one_hot(tokens: mx.array, vocab_size: int) -> mx.array:
-    return mx.arange(vocab_size)[None] == tokens[:, None]
-
-
-def _suppression_mask(lm: LanguageModel, suppress: Optional[Sequence[int]]) -> mx.array:
-    ids = visual_suppression(lm.token_ids) if suppress is None else list(suppress)
-    return id_mask(lm.args.vocab_size, ids)
+def collect(steps: Iterator[List[Optional[int]]], rows: int) -> List[List[int]]:
+    """Every row's tokens from a stream of per-step tokens (None: the row has ended)."""
+    out: List[List[int]] = [[] for _ in range(rows)]
+    for step in steps:
+        for row, token in enumerate(step):
+            if token is not None:
+                out[row].append(token)
+    return out
 
 
 def _prefill(lm: LanguageModel, inputs_embeds: Sequence[mx.array], max_new_tokens: int):
@@ -160,28 +277,6 @@ def _prefill(lm: LanguageModel, inputs_embeds: Sequence[mx.array], max_new_token
     lm.check_length(batch.shape[1], max_new_tokens)
     cache = lm.make_cache(padding)
     return lm.next_logits(inputs_embeds=batch, cache=cache), cache
-
-
-def pipelined(choose, forward, logits: mx.array, max_new_tokens: int, end_id: int):
-    """Yield each step's tokens per row (None once a row has produced `end_id`), with
-    the next step already queued (`mx.async_eval`) while the host reads this one.
-
-    `choose(logits, step)` -> (rows,) tokens; `forward(tokens)` -> the next logits.
-    """
-    tokens = choose(logits, 0)
-    mx.async_eval(tokens)
-    rows = tokens.shape[0]
-    ended = [False] * rows
-    for step in range(max_new_tokens):
-        if step + 1 < max_new_tokens:
-            upcoming = choose(forward(tokens), step + 1)
-            mx.async_eval(upcoming)
-        values = tokens.tolist()
-        yield [None if ended[r] else values[r] for r in range(rows)]
-        ended = [ended[r] or values[r] == end_id for r in range(rows)]
-        if all(ended) or step + 1 == max_new_tokens:
-            return
-        tokens = upcoming
 
 
 # ----------------------------------------------------------------------------- text: greedy / sampling
@@ -199,7 +294,8 @@ def stream_text(
             [/IMG], prompt embeddings); rows are left-padded with the eos embedding.
         config: decoding options (num_beams must be 1).
         suppress: ids never generated; None = `[IMG]`, `[/IMG]` and the visual codes.
-        seed: sampling seed (same seed, same tokens); None draws one.
+        seed: sampling seed; row i samples with seed + i (same seed, same tokens, whatever
+            the batch). None draws one.
 
     Yields:
         per step, for each row, the new token id, or None once the row has ended
@@ -209,32 +305,14 @@ def stream_text(
     if config.num_beams != 1:
         raise LaVITError("stream_text decodes with num_beams=1; use beam_search for beams")
     ids = lm.token_ids
-    vocab = lm.args.vocab_size
-    suppress_mask = _suppression_mask(lm, suppress)
-    eos_mask = id_mask(vocab, [ids.eos])
-    rows = len(inputs_embeds)
-    key = make_key(seed)
+    processors = make_logits_processors(
+        ids, lm.args.vocab_size, end_id=ids.eos, min_new=config.min_new_tokens,
+        suppress=visual_suppression(ids) if suppress is None else suppress, repetition=config.repetition_penalty)
+    sampler = make_sampler(config.do_sample, config.temperature, config.top_k, config.top_p,
+                           row_seeds(seed, len(inputs_embeds)))
     logits, cache = _prefill(lm, inputs_embeds, config.max_new_tokens)
-    state = {"ended": mx.zeros((rows,), dtype=mx.bool_), "key": key,
-             "seen": _one_hot(mx.full((rows,), ids.bos, dtype=mx.int32), vocab)}
-
-    def choose(logits: mx.array, step: int) -> mx.array:
-        scores = logits
-        if config.repetition_penalty != 1.0:
-            scores = _repetition_penalty(scores, state["seen"], config.repetition_penalty)
-        if step < config.min_new_tokens:
-            scores = neg_inf(scores, eos_mask)
-        scores = neg_inf(scores, suppress_mask)
-        state["key"], sub = mx.random.split(state["key"])
-        tokens = choose_tokens(scores, config.do_sample, config.temperature, config.top_k, config.top_p, sub)
-        tokens = mx.where(state["ended"], ids.pad, tokens)  # ended rows get pad, as transformers
-        state["ended"] = state["ended"] | (tokens == ids.eos)
-        if config.repetition_penalty != 1.0:
-            state["seen"] = state["seen"] | _one_hot(tokens, vocab)
-        return tokens
-
-    yield from pipelined(choose, lambda tokens: lm.next_logits(input_ids=tokens[:, None], cache=cache),
-                         logits, config.max_new_tokens, ids.eos)
+    yield from decode(logits, lambda tokens: lm.next_logits(input_ids=tokens[:, None], cache=cache), processors,
+                      sampler, len(inputs_embeds), config.max_new_tokens, ids.bos, ids.eos, ids.pad)
 
 
 # ----------------------------------------------------------------------------- text: beam search
@@ -312,11 +390,12 @@ def beam_search(
         raise LaVITError("beam_search needs num_beams >= 2; use stream_text for greedy or sampling")
     ids = lm.token_ids
     vocab = lm.args.vocab_size
-    suppress_mask = _suppression_mask(lm, suppress)
-    allowed = vocab - int(suppress_mask.sum().item())
+    suppress = visual_suppression(ids) if suppress is None else list(suppress)
+    allowed = vocab - len(set(int(i) for i in suppress))
     if allowed < _CANDIDATES_PER_BEAM * nb:
         raise LaVITError(f"{nb} beams need at least {_CANDIDATES_PER_BEAM * nb} allowed ids, only {allowed} are")
-    eos_mask = id_mask(vocab, [ids.eos])
+    processors = make_logits_processors(ids, vocab, end_id=ids.eos, min_new=config.min_new_tokens,
+                                        suppress=suppress, repetition=config.repetition_penalty)
     rows = len(inputs_embeds)
     max_length = 1 + config.max_new_tokens  # the bos counts
     logits, cache = _prefill(lm, inputs_embeds, config.max_new_tokens)
@@ -328,18 +407,16 @@ def beam_search(
     beam_scores = np.zeros((rows, nb), dtype=np.float32)
     beam_scores[:, 1:] = _INACTIVE_BEAM_SCORE
     sequences = [[ids.bos] for _ in range(rows * nb)]
-    seen = _one_hot(mx.full((rows * nb,), ids.bos, dtype=mx.int32), vocab)
     hyps = [_Hypotheses(nb, config.length_penalty, config.early_stopping, max_length) for _ in range(rows)]
     done = [False] * rows
     k = _CANDIDATES_PER_BEAM * nb
 
     for step in range(config.max_new_tokens):
+        # Beam search runs the processors on log-softmax scores (transformers' beam_search).
         scores = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if config.repetition_penalty != 1.0:
-            scores = _repetition_penalty(scores, seen, config.repetition_penalty)
-        if step < config.min_new_tokens:
-            scores = neg_inf(scores, eos_mask)
-        scores = neg_inf(scores, suppress_mask)
+        history = mx.array(sequences, dtype=mx.int32)
+        for process in processors:
+            scores = process(history, scores)
         scores = (scores + mx.array(beam_scores.reshape(-1, 1))).reshape(rows, nb * vocab)
         top = mx.argpartition(-scores, k - 1, axis=-1)[:, :k]
         top_scores = mx.take_along_axis(scores, top, axis=-1)
@@ -383,8 +460,6 @@ def beam_search(
         tokens = mx.array(next_tokens.reshape(-1), dtype=mx.int32)
         for layer_cache in cache:
             layer_cache.filter(index)
-        if config.repetition_penalty != 1.0:
-            seen = seen[index] | _one_hot(tokens, vocab)
         logits = lm.next_logits(input_ids=tokens[:, None], cache=cache)
 
     # finalize: open beams of unfinished rows compete with the finished hypotheses.
@@ -417,9 +492,4 @@ def generate_text(
         for final in beam_search(lm, inputs_embeds, config, suppress):
             pass
         return final.sequences
-    out: List[List[int]] = [[] for _ in inputs_embeds]
-    for tokens in stream_text(lm, inputs_embeds, config, suppress, seed):
-        for row, token in enumerate(tokens):
-            if token is not None:
-                out[row].append(token)
-    return out
+    return collect(stream_text(lm, inputs_embeds, config, suppress, seed), len(inputs_embeds))

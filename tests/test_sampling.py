@@ -275,6 +275,7 @@ def test_batched_guidance_matches_two_full_passes(tiny, scale):
     assert ours == expected
     if scale == 4.0:
         assert any(row[-1] == IDS.image_end for row in ours)  # rows end at different steps
+    if scale != 1.0:  # guidance changes the tokens at this scale: the check above has teeth
         assert ours != generate_image_tokens(lm, IMAGE_PROMPTS, ImageTokenDecoding(guidance_scale=1.0, **GREEDY))
 
 
@@ -319,3 +320,21 @@ def test_image_stream_and_errors(tiny):
         generate_image_tokens(lm, [[5] * 20], ImageTokenDecoding(max_new_tokens=200))
     with pytest.raises(LaVITError, match="outside the vocabulary"):
         generate_image_tokens(lm, [[IDS.vocab_size]])
+
+
+def test_each_row_samples_as_it_would_alone_with_its_seed(tiny, prompts):
+    """Row i of a batch uses seed + i: one image (or caption) of a batch can be regenerated alone."""
+    lm, _ = tiny
+    config = ImageTokenDecoding(guidance_scale=4.0, min_new_tokens=6, max_new_tokens=30)
+    batch = generate_image_tokens(lm, IMAGE_PROMPTS, config, seed=11)
+    assert batch == [generate_image_tokens(lm, [p], config, seed=11 + i)[0] for i, p in enumerate(IMAGE_PROMPTS)]
+    sample = TextDecoding(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=0)
+    together = generate_text(lm, as_mx(prompts), sample, seed=7)
+    assert together == [generate_text(lm, as_mx([p]), sample, seed=7 + i)[0] for i, p in enumerate(prompts)]
+
+
+def test_bad_seeds_are_one_line_errors(tiny):
+    lm, _ = tiny
+    for seed in (-1, 2**32, 99999999999999999999):
+        with pytest.raises(LaVITError, match="expected an integer in 0..4294967295"):
+            generate_image_tokens(lm, IMAGE_PROMPTS[:1], ImageTokenDecoding(max_new_tokens=2), seed=seed)
