@@ -1,7 +1,9 @@
 """The `lavit` command: thin typer commands over the `lavit_mlx` library.
 
-Each command parses its options, resolves paths, calls one library function and prints.
-Errors a user can fix are printed as one line (`error: ...`), never as a traceback.
+Each command checks its options and paths first (before any model is loaded), then
+calls one library function and prints. Errors a user can fix are printed as one line
+(`error: ...`), never as a traceback. Progress goes to stderr: bars in a terminal, one
+plain line per stage otherwise; results go to stdout.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
+import click
 import typer
 
 app = typer.Typer(
@@ -24,55 +28,122 @@ app = typer.Typer(
 )
 
 MODEL_ENV = "LAVIT_MODEL"
+Decoder = Literal["highres", "lowres"]
+Scheduler = Literal["ddim", "euler", "dpm++2m"]
+Ratio = Literal["1:1", "4:3", "3:2", "16:9", "2:3", "3:4"]
+Bits = Literal["4", "8"]
 
 ModelOption = typer.Option(
     None, "--model", "-m",
-    help=f"LaVIT checkpoint folder (released layout). Default: ${MODEL_ENV}.",
+    help=f"LaVIT checkpoint: an MLX folder (lavit convert) or the released layout. Default: ${MODEL_ENV}.",
     show_default=False,
 )
 VisionHeadsOption = typer.Option(
-    None, "--vision-heads", min=1,
-    help="Attention heads of the ViT, merger and VQ decoders (release: 16; shapes cannot tell).",
+    None, "--vision-heads", min=1, show_default=False,
+    help="Attention heads of the ViT, merger and VQ decoders. Default: stored in an MLX folder; 16 for the "
+         "release's widths (1408); required for other widths (shapes cannot tell).",
+)
+QuantizeOption = typer.Option(
+    None, "--quantize", show_default=False,
+    help="Quantize the LLM to 4 or 8 bits when loading (group size 64). Default: as stored.",
 )
 
 
+def _seed_option(what: str):
+    return typer.Option(None, "--seed", min=0, max=2**32 - 1, show_default=False,
+                        help=f"Seed for {what}, 0..4294967295. Default: random, printed.")
+
+
+# ------------------------------------------------------------------------- output
 def _stderr():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, highlight=False)
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=_stderr(), transient=True,
-    )
+def _note(text: str) -> None:
+    _stderr().print(text, markup=False)
 
 
-QuantizeOption = typer.Option(None, "--quantize", help="Quantize the LLM to 4 or 8 bits when loading (group size 64).")
+class Reporter:
+    """Progress of long work: rich bars in a terminal; elsewhere (logs, CI, pipes) one
+    plain line per finished stage."""
+
+    def __init__(self, labels: dict):
+        self.labels = labels
+        self.interactive = sys.stderr.isatty()
+        self.started: dict = {}
+        self.finished: set = set()
+        self.tasks: dict = {}
+        self.progress = None
+
+    def __enter__(self):
+        if self.interactive:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=_stderr(), transient=True)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        label = self.labels.get(stage, stage)
+        if stage not in self.started:
+            self.started[stage] = time.perf_counter()
+            if self.progress is not None:
+                self.tasks[stage] = self.progress.add_task(label, total=total)
+        if self.progress is not None:
+            self.progress.update(self.tasks[stage], completed=done, total=total)
+        if done >= total and stage not in self.finished:
+            self.finished.add(stage)
+            if not self.interactive:
+                _note(f"{label}: {done}/{total} in {time.perf_counter() - self.started[stage]:.1f} s")
 
 
-def _spinner(text: str):
-    return _stderr().status(text)
-
-
-def _open_model(model: Optional[Path], vision_heads: Optional[int], quantize: Optional[int] = None):
-    from lavit_mlx import load
+# ------------------------------------------------------------------------- model
+def _model_path(model: Optional[Path]) -> Path:
     from lavit_mlx.errors import LaVITError
 
     path = model or (Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else None)
     if path is None:
         raise LaVITError(f"no model given: pass --model DIR or set {MODEL_ENV}")
-    lavit = load(path, vision_heads=vision_heads, quantize=quantize)
-    _stderr().print(f"model: {lavit.checkpoint.describe()}", highlight=False)
-    if quantize:
-        with _spinner(f"loading the LLM ({quantize}-bit)"):
+    return path
+
+
+def _open_model(model: Optional[Path], vision_heads: Optional[int], quantize: Optional[str] = None):
+    from lavit_mlx import load
+
+    bits = int(quantize) if quantize else None
+    lavit = load(_model_path(model), vision_heads=vision_heads, quantize=bits)
+    _note(f"model: {lavit.checkpoint.describe()}")
+    if bits:
+        with _stderr().status(f"loading the LLM ({bits}-bit)"):
             report = lavit.llm.quantization
         if report is not None:
-            _stderr().print(f"LLM quantized {report.describe()}", highlight=False)
+            _note(f"LLM quantized {report.describe()}")
     return lavit
+
+
+def _input_problem(path) -> Optional[str]:
+    if not Path(path).exists():
+        return f"{path}: no such file"
+    if Path(path).is_dir():
+        return f"{path}: is a folder, not an image"
+    return None
+
+
+def _check_inputs(paths, all_needed: bool = True) -> None:
+    """Fail before loading a model when input files are plainly missing: any of them when
+    each is needed, or all of them for commands that report bad inputs one by one."""
+    from lavit_mlx.errors import ImageError
+
+    problems = [p for p in map(_input_problem, paths) if p]
+    if problems and (all_needed or len(problems) == len(paths)):
+        raise ImageError(problems[0])
 
 
 def _version_callback(value: bool):
@@ -92,14 +163,17 @@ def _root(
     """LaVIT on MLX: tokenize, understand and generate images."""
 
 
+# ------------------------------------------------------------------------- info
 @app.command()
 def info(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Also describe this checkpoint folder."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", show_default=False,
+                                         help="Also describe this checkpoint folder."),
     vision_heads: Optional[int] = VisionHeadsOption,
     verify: bool = typer.Option(False, "--verify", help="Check the MLX folder's files against its manifest checksums."),
 ):
-    """Print versions, the MLX device and which BLAS MLX uses."""
+    """Print versions, the device, the BLAS MLX uses (with a measured GFLOP/s) and a model's contents."""
     from lavit_mlx.cpu.runtime import describe_runtime
+    from lavit_mlx.errors import LaVITError
 
     report, warnings = describe_runtime()
     for key, value in report.items():
@@ -109,8 +183,6 @@ def info(
         for key, value in lavit.describe().items():
             typer.echo(f"{key:<12} {value}")
         if verify:
-            from lavit_mlx.errors import LaVITError
-
             if lavit.checkpoint.kind != "mlx":
                 raise LaVITError("--verify needs an MLX folder (the released layout has no manifest)")
             problems = list(lavit.checkpoint.verify())
@@ -118,7 +190,36 @@ def info(
                 raise LaVITError(f"{len(problems)} file(s) differ from the manifest, first: {problems[0][0]} ({problems[0][1]})")
             typer.echo("manifest     all files match their checksums")
     for warning in warnings:
-        _stderr().print(f"[yellow]warning:[/] {warning}", highlight=False)
+        _note(f"warning: {warning}")
+
+
+# ------------------------------------------------------------------------- understanding
+def _print_results(results, as_json: bool, as_dict, as_text) -> int:
+    """Print results (stdout) and one error line per input that could not be read (stderr);
+    returns the exit code (1 if any input failed)."""
+    failed = [r for r in results if r.error]
+    if as_json:
+        typer.echo(json.dumps([{"image": r.source, "error": r.error} if r.error else {"image": r.source, **as_dict(r)}
+                               for r in results]))
+    for r in results:
+        if r.error:
+            typer.echo(f"error: {r.error}", err=True)
+        elif not as_json:
+            typer.echo(as_text(r))
+    if failed and len(results) > 1:
+        typer.echo(f"error: {len(failed)} of {len(results)} images could not be read", err=True)
+    return 1 if failed else 0
+
+
+def _counter(reporter: "Reporter", stage: str, total: int):
+    """A progress callback counting finished items."""
+    done = [0]
+
+    def advance(count: int) -> None:
+        done[0] += count
+        reporter.update(stage, done[0], total)
+
+    return advance
 
 
 @app.command()
@@ -129,40 +230,37 @@ def tokenize(
     sample: bool = typer.Option(
         False, "--sample", help="Sample the token selection (Gumbel, as the official inference) instead of the deterministic rule."
     ),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for --sample (default: random, printed)."),
+    seed: Optional[int] = _seed_option("--sample (image i uses seed + i)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {image, num_tokens, codes}."),
 ):
     """Turn images into LaVIT's dynamic discrete visual tokens."""
-    lavit = _open_model(model, vision_heads)
+    from lavit_mlx.seeding import new_seed
+
+    _check_inputs(images, all_needed=False)
     if sample and seed is None:
-        import random
-
-        seed = random.randrange(2**31)
-        _stderr().print(f"sampling with --seed {seed}", highlight=False)
-    with _progress() as progress:
-        task = progress.add_task("tokenizing", total=len(images))
-        results = lavit.tokenize(
-            [str(p) for p in images], sample=sample, seed=seed, batch_size=batch_size,
-            progress=lambda n: progress.advance(task, n),
-        )
-    if as_json:
-        payload = [
-            {"image": r.source, "num_tokens": r.num_tokens, "codes": r.codes.tolist()} for r in results
-        ]
-        typer.echo(json.dumps(payload))
-        return
-    for r in results:
-        typer.echo(f"{r.source}: {r.num_tokens} tokens")
-        typer.echo(" ".join(str(c) for c in r.codes.tolist()))
+        seed = new_seed()
+        _note(f"sampling with --seed {seed}")
+    lavit = _open_model(model, vision_heads)
+    with Reporter({"tokenize": "tokenizing"}) as reporter:
+        results = lavit.tokenize([str(p) for p in images], sample=sample, seed=seed, batch_size=batch_size,
+                                 progress=_counter(reporter, "tokenize", len(images)), skip_bad=True)
+    raise typer.Exit(_print_results(
+        results, as_json, lambda r: {"num_tokens": r.num_tokens, "codes": r.codes.tolist()},
+        lambda r: f"{r.source}: {r.num_tokens} tokens\n" + " ".join(str(c) for c in r.codes.tolist())))
 
 
-def _print_answers(answers, as_json: bool, key: str):
-    if as_json:
-        typer.echo(json.dumps([{"image": a.source, key: a.text} for a in answers]))
-        return
-    for answer in answers:
-        typer.echo(f"{answer.source}: {answer.text}")
+def _decoding_checks(beams: int, sample: bool, min_tokens: Optional[int], max_tokens: int, default_min: int) -> int:
+    """The checked --min-tokens (the release's default, capped by --max-tokens, when not given)."""
+    from lavit_mlx.errors import LaVITError
+
+    if sample and beams != 1:
+        raise LaVITError(f"--sample draws words one at a time: use it with --beams 1 (got --beams {beams})")
+    if min_tokens is None:
+        return min(default_min, max_tokens)
+    if min_tokens > max_tokens:
+        raise LaVITError(f"--min-tokens {min_tokens} is more than --max-tokens {max_tokens}")
+    return min_tokens
 
 
 @app.command()
@@ -170,24 +268,39 @@ def caption(
     images: List[Path] = typer.Argument(..., help="Image files."),
     model: Optional[Path] = ModelOption,
     vision_heads: Optional[int] = VisionHeadsOption,
-    quantize: Optional[int] = QuantizeOption,
+    quantize: Optional[Bits] = QuantizeOption,
     prompt: str = typer.Option("", "--prompt", help="Text after the image (the release captions with none)."),
-    beams: int = typer.Option(2, "--beams", min=1, help="Beam search width (1: greedy or --sample)."),
+    beams: int = typer.Option(2, "--beams", min=1, help="Beam search width (1: greedy, or --sample)."),
     max_tokens: int = typer.Option(36, "--max-tokens", min=1, help="Most new tokens."),
-    min_tokens: int = typer.Option(8, "--min-tokens", min=0, help="Fewest new tokens."),
+    min_tokens: Optional[int] = typer.Option(None, "--min-tokens", min=0, show_default=False,
+                                             help="Fewest new tokens. Default: 8 (the release), at most --max-tokens."),
     sample: bool = typer.Option(False, "--sample", help="Sample the words (needs --beams 1)."),
     sample_tokens: bool = typer.Option(False, "--sample-tokens", help="Sample the visual token selection, as the release does."),
-    seed: int = typer.Option(0, "--seed", help="Seed for --sample and --sample-tokens."),
-    as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"image", "caption"}.'),
+    seed: Optional[int] = _seed_option("--sample and --sample-tokens (image i uses seed + i)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"image", "caption"} (or "error").'),
 ):
     """Caption images (the release's settings: 2 beams, 8..36 tokens, cut at the first '.')."""
     from lavit_mlx.understanding import caption as run
 
+    min_tokens = _decoding_checks(beams, sample, min_tokens, max_tokens, default_min=8)
+    _check_inputs(images, all_needed=False)
+    seed = _announce_seed(seed, sample or sample_tokens)
     lavit = _open_model(model, vision_heads, quantize)
-    with _spinner("captioning"):
+    with Reporter({"caption": "captioning"}) as reporter:
         answers = run(lavit, [str(p) for p in images], prompt, num_beams=beams, max_new_tokens=max_tokens,
-                      min_new_tokens=min_tokens, do_sample=sample, sample_tokens=sample_tokens, seed=seed)
-    _print_answers(answers, as_json, "caption")
+                      min_new_tokens=min_tokens, do_sample=sample, sample_tokens=sample_tokens, seed=seed,
+                      batch_size=batch_size, skip_bad=True, progress=_counter(reporter, "caption", len(images)))
+    raise typer.Exit(_print_results(answers, as_json, lambda a: {"caption": a.text}, lambda a: f"{a.source}: {a.text}"))
+
+
+def _announce_seed(seed: Optional[int], random: bool) -> Optional[int]:
+    if random and seed is None:
+        from lavit_mlx.seeding import new_seed
+
+        seed = new_seed()
+        _note(f"sampling with --seed {seed}")
+    return seed
 
 
 @app.command()
@@ -196,50 +309,89 @@ def ask(
     question: str = typer.Argument(..., help="The question."),
     model: Optional[Path] = ModelOption,
     vision_heads: Optional[int] = VisionHeadsOption,
-    quantize: Optional[int] = QuantizeOption,
+    quantize: Optional[Bits] = QuantizeOption,
     beams: int = typer.Option(5, "--beams", min=1, help="Beam search width."),
     max_tokens: int = typer.Option(10, "--max-tokens", min=1, help="Most new tokens."),
-    min_tokens: int = typer.Option(2, "--min-tokens", min=0, help="Fewest new tokens."),
+    min_tokens: Optional[int] = typer.Option(None, "--min-tokens", min=0, show_default=False,
+                                             help="Fewest new tokens. Default: 2 (the release), at most --max-tokens."),
     sample_tokens: bool = typer.Option(False, "--sample-tokens", help="Sample the visual token selection, as the release does."),
-    seed: int = typer.Option(0, "--seed", help="Seed for --sample-tokens."),
+    seed: Optional[int] = _seed_option("--sample-tokens"),
     as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"image", "answer"}.'),
 ):
     """Answer a question about an image ("Question: {} Answer:", 5 beams, 2..10 tokens)."""
+    from lavit_mlx.errors import LaVITError
     from lavit_mlx.understanding import ask as run
 
+    if not question.strip():
+        raise LaVITError("the question is empty")
+    min_tokens = _decoding_checks(beams, False, min_tokens, max_tokens, default_min=2)
+    _check_inputs([image])
+    seed = _announce_seed(seed, sample_tokens)
     lavit = _open_model(model, vision_heads, quantize)
-    with _spinner("answering"):
+    with _stderr().status("answering"):
         answers = run(lavit, [str(image)], question, num_beams=beams, max_new_tokens=max_tokens,
-                      min_new_tokens=min_tokens, sample_tokens=sample_tokens, seed=seed)
-    _print_answers(answers, as_json, "answer")
+                      min_new_tokens=min_tokens, sample_tokens=sample_tokens, seed=seed, skip_bad=True)
+    raise typer.Exit(_print_results(answers, as_json, lambda a: {"answer": a.text}, lambda a: f"{a.source}: {a.text}"))
 
 
-def _run_pipeline(stages, settings, out: Path, force: bool):
-    """Drive a generation generator with progress bars and save the images."""
-    from lavit_mlx.generation import Event, check_outputs, output_paths, save_png
+# ------------------------------------------------------------------------- images
+STAGE_LABELS = {"tokens": "image tokens (LLM)", "decode": "VQ decoder", "denoise": "denoising (UNet)",
+                "vae": "VAE decode"}
 
-    paths = output_paths(out, settings.num_images)
-    check_outputs(paths, force)
-    labels = {"tokens": "image tokens (LLM)", "decode": "VQ decoder", "denoise": "denoising (UNet)", "vae": "VAE decode"}
-    images = None
-    with _progress() as progress:
-        tasks = {}
+
+def _run_pipeline(stages, settings, paths, model_name: str, reconstruction: bool = False):
+    """Drive a generation pipeline with progress reporting and save the images."""
+    from lavit_mlx.generation import Done, save_png
+
+    done = None
+    with Reporter(STAGE_LABELS) as reporter:
         for event in stages:
-            if not isinstance(event, Event):
-                images = event
+            if isinstance(event, Done):
+                done = event
                 break
-            if event.stage not in tasks:
-                tasks[event.stage] = progress.add_task(labels[event.stage], total=event.total)
-            progress.update(tasks[event.stage], completed=event.done, total=event.total)
-    for index, (image, path) in enumerate(zip(images, paths)):
-        save_png(image, path, settings, index)
+            reporter.update(event.stage, event.done, event.total)
+    for index, (image, path) in enumerate(zip(done.images, paths)):
+        save_png(image, path, done.settings, index, model=model_name, reconstruction=reconstruction)
         typer.echo(str(path))
+    seeds = done.settings.seed if len(paths) == 1 else f"{done.settings.seed}..{done.settings.seed + len(paths) - 1}"
+    _note(f"wrote {len(paths)} image(s) of {done.settings.width}x{done.settings.height} in {done.seconds:.1f} s "
+          f"(seed {seeds}; each PNG stores its own seed and every setting)")
 
 
-def _settings(**values):
+def _image_settings(**values):
+    """Checked settings (before anything loads); the drawn seed is printed."""
     from lavit_mlx.generation import GenerationSettings
 
-    return GenerationSettings(**values).resolved()
+    settings = GenerationSettings(**values).resolved()
+    if values.get("seed") is None:
+        _note(f"seed {settings.seed} (use --seed {settings.seed} to repeat)")
+    return settings
+
+
+DecoderOption = typer.Option("highres", "--decoder",
+                             help="Pixel decoder: highres (SDXL-shaped) or lowres (SD-1.5-shaped, 512 px).")
+RatioOption = typer.Option(None, "--ratio", show_default=False,
+                           help="High-res aspect ratio (the release's six sizes; 1:1 is 1024x1024). "
+                                "Default: 1:1 (lowres: 512x512).")
+WidthOption = typer.Option(None, "--width", min=8, max=4096, show_default=False,
+                           help="Width in pixels, a multiple of 8; needs --height. Default: from --ratio.")
+HeightOption = typer.Option(None, "--height", min=8, max=4096, show_default=False,
+                            help="Height in pixels, a multiple of 8; needs --width. Default: from --ratio.")
+StepsOption = typer.Option(None, "--steps", min=1, max=1000, show_default=False,
+                           help="Denoising steps. Default: 25 highres, 50 lowres (the release).")
+GuidanceOption = typer.Option(None, "--guidance", min=0.0, show_default=False,
+                              help="UNet classifier-free guidance. Default: 7.0 highres, 5.0 lowres (the release).")
+SchedulerOption = typer.Option("ddim", "--scheduler",
+                               help="Sampler: ddim (the release), euler or dpm++2m (fewer steps).")
+ForceOption = typer.Option(False, "--force", help="Overwrite existing output files.")
+
+
+def _outputs(out: Path, count: int, force: bool):
+    from lavit_mlx.generation import check_outputs, output_paths
+
+    paths = output_paths(out, count)
+    check_outputs(paths, force)
+    return paths
 
 
 @app.command()
@@ -248,31 +400,36 @@ def generate(
     image: List[Path] = typer.Option([], "--image", help="Prompt image (repeatable). Without a <image> mark it comes first."),
     model: Optional[Path] = ModelOption,
     vision_heads: Optional[int] = VisionHeadsOption,
-    quantize: Optional[int] = QuantizeOption,
+    quantize: Optional[Bits] = QuantizeOption,
     out: Path = typer.Option(Path("lavit.png"), "--out", "-o", help="Output PNG (-n > 1: NAME-1.png, NAME-2.png, ...)."),
-    n: int = typer.Option(1, "-n", min=1, help="Number of images."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: random; stored in the PNG)."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Text the LLM guidance steers away from."),
-    decoder: str = typer.Option("highres", "--decoder", help="Pixel decoder: highres (SDXL-shaped, default) or lowres (512px)."),
-    ratio: Optional[str] = typer.Option(None, "--ratio", help="High-res aspect ratio: 1:1, 4:3, 3:2, 16:9, 2:3, 3:4."),
-    width: Optional[int] = typer.Option(None, "--width", help="Width in pixels (multiple of 8)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Height in pixels (multiple of 8)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (release: 25 highres, 50 lowres)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="UNet guidance (release: 7.0 highres, 5.0 lowres)."),
-    llm_guidance: Optional[float] = typer.Option(None, "--llm-guidance", help="LLM guidance (release: 4.0, 5.0 with an image)."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim (the release), euler or dpm++2m."),
+    n: int = typer.Option(1, "-n", min=1, max=64, help="Number of images (image i uses seed + i)."),
+    seed: Optional[int] = _seed_option("the LLM's sampling and the initial noise (image i uses seed + i)"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", show_default=False,
+                                                  help="Text the LLM guidance steers away from. Default: none."),
+    decoder: Decoder = DecoderOption,
+    ratio: Optional[Ratio] = RatioOption,
+    width: Optional[int] = WidthOption,
+    height: Optional[int] = HeightOption,
+    steps: Optional[int] = StepsOption,
+    guidance: Optional[float] = GuidanceOption,
+    llm_guidance: Optional[float] = typer.Option(None, "--llm-guidance", min=0.0, show_default=False,
+                                                 help="LLM guidance. Default: 4.0, 5.0 with an image (the release)."),
+    scheduler: Scheduler = SchedulerOption,
     low_memory: bool = typer.Option(False, "--low-memory", help="Free the LLM before the UNet runs."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    force: bool = ForceOption,
 ):
     """Generate images from text or text + image prompts."""
-    from lavit_mlx.generation import generate_stages
+    from lavit_mlx.generation import generate_stages, prompt_pieces
 
-    settings = _settings(prompt=prompt, images=[str(p) for p in image], negative_prompt=negative_prompt,
-                         seed=seed, num_images=n, decoder=decoder, ratio=ratio, width=width, height=height,
-                         steps=steps, guidance=guidance, llm_guidance=llm_guidance, scheduler=scheduler,
-                         low_memory=low_memory)
+    settings = _image_settings(prompt=prompt, images=[str(p) for p in image], negative_prompt=negative_prompt,
+                               seed=seed, num_images=n, decoder=decoder, ratio=ratio, width=width, height=height,
+                               steps=steps, guidance=guidance, llm_guidance=llm_guidance, scheduler=scheduler,
+                               low_memory=low_memory)
+    prompt_pieces(settings.prompt, settings.images)
+    _check_inputs(image)
+    paths = _outputs(out, n, force)
     lavit = _open_model(model, vision_heads, quantize)
-    _run_pipeline(generate_stages(lavit, settings), settings, out, force)
+    _run_pipeline(generate_stages(lavit, settings), settings, paths, str(lavit.checkpoint.path))
 
 
 @app.command()
@@ -281,41 +438,51 @@ def reconstruct(
     model: Optional[Path] = ModelOption,
     vision_heads: Optional[int] = VisionHeadsOption,
     out: Path = typer.Option(Path("reconstruction.png"), "--out", "-o", help="Output PNG."),
-    n: int = typer.Option(1, "-n", min=1, help="Number of images."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: random; stored in the PNG)."),
-    decoder: str = typer.Option("highres", "--decoder", help="highres or lowres."),
-    ratio: Optional[str] = typer.Option(None, "--ratio", help="High-res aspect ratio."),
-    width: Optional[int] = typer.Option(None, "--width", help="Width in pixels."),
-    height: Optional[int] = typer.Option(None, "--height", help="Height in pixels."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="UNet guidance."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, euler or dpm++2m."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    n: int = typer.Option(1, "-n", min=1, max=64, help="Number of images (image i uses seed + i)."),
+    seed: Optional[int] = _seed_option("the initial noise (image i uses seed + i)"),
+    decoder: Decoder = DecoderOption,
+    ratio: Optional[Ratio] = RatioOption,
+    width: Optional[int] = WidthOption,
+    height: Optional[int] = HeightOption,
+    steps: Optional[int] = StepsOption,
+    guidance: Optional[float] = GuidanceOption,
+    scheduler: Scheduler = SchedulerOption,
+    force: bool = ForceOption,
 ):
     """Reconstruct an image from its own visual tokens (shows what the tokenizer keeps)."""
     from lavit_mlx.generation import reconstruct_stages
+    from lavit_mlx.image_processing import load_image
 
-    settings = _settings(prompt="", images=[str(image)], seed=seed, num_images=n, decoder=decoder, ratio=ratio,
-                         width=width, height=height, steps=steps, guidance=guidance, scheduler=scheduler)
+    settings = _image_settings(prompt="", images=[str(image)], seed=seed, num_images=n, decoder=decoder,
+                               ratio=ratio, width=width, height=height, steps=steps, guidance=guidance,
+                               scheduler=scheduler)
+    load_image(image)  # a bad image fails here, before the model loads
+    paths = _outputs(out, n, force)
     lavit = _open_model(model, vision_heads)
-    _run_pipeline(reconstruct_stages(lavit, str(image), settings), settings, out, force)
+    _run_pipeline(reconstruct_stages(lavit, str(image), settings), settings, paths, str(lavit.checkpoint.path),
+                  reconstruction=True)
 
 
+# ------------------------------------------------------------------------- convert
 @app.command()
 def convert(
     src: str = typer.Argument(..., help="A released-layout folder, a lavit_train checkpoint, a Hugging Face repo id "
                               "(e.g. rain1011/LaVIT-7B-v2), or (with --to torch) an MLX folder."),
     out: Path = typer.Argument(..., help="Output folder (written atomically)."),
-    to: str = typer.Option("mlx", "--to", help="Target format: mlx or torch."),
-    dtype: str = typer.Option("float16", "--dtype", help="Weight dtype: float16, bfloat16 or float32."),
-    quantize: Optional[int] = typer.Option(None, "--quantize", help="Quantize the LLM to 4 or 8 bits."),
-    group_size: int = typer.Option(64, "--group-size", help="Quantization group size (32, 64 or 128)."),
+    to: Literal["mlx", "torch"] = typer.Option("mlx", "--to", help="Target format."),
+    dtype: Optional[Literal["float16", "bfloat16", "float32"]] = typer.Option(None, "--dtype",
+                                        show_default=False,
+                                        help="Weight dtype. Default: the source's (a bfloat16 release stays bfloat16)."),
+    quantize: Optional[Bits] = typer.Option(None, "--quantize", show_default=False,
+                                           help="Quantize the LLM to 4 or 8 bits. Default: not quantized."),
+    group_size: Literal["32", "64", "128"] = typer.Option("64", "--group-size",
+                                   help="Quantization group size."),
     quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Also quantize the vision components to 8 bits."),
     quantize_unet: bool = typer.Option(False, "--quantize-unet", help="Also quantize the UNets' linear layers to 8 bits."),
     components: Optional[str] = typer.Option(
-        None, "--components",
+        None, "--components", show_default=False,
         help="Comma-separated subset: eva, tokenizer, understanding, lowres_decoder, highres_decoder, llm, "
-             "highres_pixel, lowres_pixel (default: all the source has). Text-to-image needs llm, "
+             "highres_pixel, lowres_pixel. Default: all the source has. Text-to-image needs llm, "
              "highres_decoder, highres_pixel.",
     ),
     vision_heads: Optional[int] = VisionHeadsOption,
@@ -323,17 +490,21 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only once the new one is complete)."),
 ):
     """Convert a LaVIT checkpoint to the MLX folder format (or back to PyTorch)."""
+    from lavit_convert.writer import check_destination, interruptible
     from lavit_mlx.errors import LaVITError
 
-    progress_line = lambda name: _stderr().print(f"converting {name}", highlight=False)  # noqa: E731
+    check_destination(out, force)
+    progress_line = lambda name: _note(name if name.startswith("note:") else f"converting {name}")  # noqa: E731
+    start = time.perf_counter()
     if to == "torch":
+        if dtype or quantize or quantize_vision or quantize_unet or components or vision_heads:
+            raise LaVITError("--to torch takes only --safetensors and --force (the MLX folder fixes everything else)")
         from lavit_convert.to_torch import convert_to_torch
 
-        written = convert_to_torch(src, out, force=force, safetensors=safetensors, progress=progress_line)
-        typer.echo(f"wrote {out} (released PyTorch layout): {', '.join(written)}")
+        with interruptible():
+            written = convert_to_torch(src, out, force=force, safetensors=safetensors, progress=progress_line)
+        typer.echo(f"wrote {out} (released PyTorch layout) in {time.perf_counter() - start:.1f} s: {', '.join(written)}")
         return
-    if to != "mlx":
-        raise LaVITError(f"--to {to!r}: expected mlx or torch")
     from lavit_convert.hub import resolve_source
     from lavit_convert.to_mlx import ALL_COMPONENTS, ConvertOptions, convert_to_mlx
 
@@ -341,12 +512,15 @@ def convert(
     unknown = [c for c in chosen or [] if c not in ALL_COMPONENTS]
     if unknown:
         raise LaVITError(f"--components: unknown component {unknown[0]!r}; choose from {', '.join(ALL_COMPONENTS)}")
-    source = resolve_source(src, chosen or list(ALL_COMPONENTS))
-    options = ConvertOptions(components=chosen, dtype=dtype, quantize=quantize, group_size=group_size,
-                             quantize_vision=quantize_vision, quantize_unet=quantize_unet,
+    options = ConvertOptions(components=chosen, dtype=dtype, quantize=int(quantize) if quantize else None,
+                             group_size=int(group_size), quantize_vision=quantize_vision, quantize_unet=quantize_unet,
                              vision_heads=vision_heads, force=force)
-    report = convert_to_mlx(source, out, options, progress=progress_line)
-    typer.echo(f"wrote {out} (MLX folder, {report.bytes_written / 2**30:.2f} GiB): {', '.join(report.components)}")
+    options.check()
+    source = resolve_source(src, chosen or list(ALL_COMPONENTS))
+    with interruptible():
+        report = convert_to_mlx(source, out, options, progress=progress_line)
+    typer.echo(f"wrote {out} (MLX folder, {report.bytes_written / 2**30:.2f} GiB, {report.dtype}) in "
+               f"{time.perf_counter() - start:.1f} s: {', '.join(report.components)}")
     for component, layers in report.unquantized.items():
         typer.echo(f"left unquantized in {component} (width not divisible by {group_size}): {', '.join(layers)}")
 
@@ -365,6 +539,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         code = 130
     except typer.Exit as exc:
         code = exc.exit_code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
     except typer.TyperException as exc:  # click's usage errors (bad flag, missing argument)
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lavit`: show the help
             typer.echo(exc.format_message())
@@ -381,7 +557,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         typer.echo("error: interrupted", err=True)
         code = 130
     except MemoryError:
-        typer.echo("error: out of memory; try a smaller --batch-size or a quantized model", err=True)
+        typer.echo("error: out of memory; try a smaller size, fewer images, --low-memory or a quantized model", err=True)
         code = 1
     sys.exit(code)
 

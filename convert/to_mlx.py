@@ -23,6 +23,7 @@ from lavit_mlx.checkpoint import Checkpoint
 from lavit_mlx.config import EVAConfig, TokenizerConfig, TokenIds, VQDecoderConfig
 from lavit_mlx.errors import CheckpointError, LaVITError
 from lavit_mlx.layout import KNOWN_EXTRAS, MLX_FORMAT, RELEASE_FOLDERS
+from lavit_mlx.weights import read_json
 from lavit_mlx.models.eva_vit import EVAVisionTransformer
 from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
 from lavit_mlx.models.vq_decoder import VQDecoder
@@ -41,13 +42,27 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 @dataclass
 class ConvertOptions:
     components: Optional[List[str]] = None  # None: every component the source has
-    dtype: str = "float16"
+    dtype: Optional[str] = None  # None: keep each tensor's stored dtype (as mlx-lm does)
     quantize: Optional[int] = None  # LLM bits (4 or 8)
     group_size: int = 64
     quantize_vision: bool = False  # 8-bit
     quantize_unet: bool = False  # 8-bit
     vision_heads: Optional[int] = None
     force: bool = False
+
+    def check(self) -> None:
+        """One-line errors for option values that cannot work (before anything is read)."""
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LaVITError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.quantize not in (None, 4, 8):
+            raise LaVITError(f"--quantize {self.quantize}: expected 4 or 8")
+        if self.group_size not in (32, 64, 128):
+            raise LaVITError(f"--group-size {self.group_size}: expected 32, 64 or 128")
+        if self.vision_heads is not None and self.vision_heads < 1:
+            raise LaVITError(f"--vision-heads {self.vision_heads}: expected at least 1")
+        unknown = [c for c in self.components or [] if c not in ALL_COMPONENTS]
+        if unknown:
+            raise LaVITError(f"unknown component {unknown[0]!r}; choose from {', '.join(ALL_COMPONENTS)}")
 
 
 @dataclass
@@ -56,7 +71,13 @@ class ConvertReport:
 
     components: List[str] = field(default_factory=list)
     unquantized: Dict[str, List[str]] = field(default_factory=dict)  # layers left in float
+    quantized: Dict[str, int] = field(default_factory=dict)  # layers quantized, per component
     bytes_written: int = 0
+    dtypes: set = field(default_factory=set)  # floating dtypes written
+
+    @property
+    def dtype(self) -> str:
+        return ", ".join(sorted(self.dtypes)) or "no floating tensors"
 
 
 @dataclass
@@ -126,7 +147,36 @@ def _quantizable(module: nn.Module, group_size: int, kinds=(nn.Linear,)) -> tupl
     return chosen, skipped
 
 
-def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: ConvertReport):
+FLOAT16_MAX = 65504.0
+
+
+def cast(value: mx.array, dtype: Optional[mx.Dtype], key: str, source) -> mx.array:
+    """`value` in `dtype` (None: as stored); a narrowing cast to float16 that would turn
+    values into +-inf is refused, naming the tensor."""
+    if dtype is None or not mx.issubdtype(value.dtype, mx.floating) or value.dtype == dtype:
+        return value
+    if dtype == mx.float16 and value.size:
+        peak = float(mx.max(mx.abs(value.astype(mx.float32))))
+        if peak > FLOAT16_MAX:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} holds values up to {peak:.4g}, beyond float16's range (+-65504); "
+                "convert with --dtype bfloat16 or float32"
+            )
+    return value.astype(dtype)
+
+
+def check_quantizable(plan: _Plan) -> None:
+    """Refuse a quantization that would quantize nothing (e.g. a group size that divides no width)."""
+    if plan.quant_bits:
+        chosen, skipped = _quantizable(plan.module, plan.group_size, plan.quant_kinds)
+        if not chosen:
+            raise LaVITError(
+                f"--group-size {plan.group_size} divides the input width of none of the {plan.name} layers "
+                f"({len(skipped)} layers): nothing would be quantized; choose a smaller --group-size"
+            )
+
+
+def _write_plan(plan: _Plan, writer: ShardWriter, dtype: Optional[mx.Dtype], report: ConvertReport):
     from mlx.utils import tree_flatten
 
     expected = dict(tree_flatten(plan.module.parameters()))
@@ -135,6 +185,7 @@ def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: Conve
     if plan.quant_bits:
         chosen, skipped = _quantizable(plan.module, group_size, plan.quant_kinds)
         quantized = {f"{p}.weight" for p in chosen}
+        report.quantized[plan.name] = len(chosen)
         if skipped:
             report.unquantized[plan.name] = skipped
     # A key present in several sources comes from the last one (visual_weight.bin is
@@ -144,9 +195,9 @@ def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: Conve
         for key in source.keys():
             if owner.get(key) != i:
                 continue
-            value = source.get(key)
+            value = cast(source.get(key), dtype, key, source.path)
             if mx.issubdtype(value.dtype, mx.floating):
-                value = value.astype(dtype)
+                report.dtypes.add(str(value.dtype).replace("mlx.core.", ""))
             if key in quantized:
                 stem = key[: -len(".weight")]
                 wq, scales, biases = mx.quantize(value, group_size=group_size, bits=plan.quant_bits)
@@ -160,14 +211,17 @@ def _write_plan(plan: _Plan, writer: ShardWriter, dtype: mx.Dtype, report: Conve
             source.close()
 
 
-def _vision_plan(ckpt: Checkpoint, name: str, heads: int, llm_hidden: int, bits: Optional[int]) -> tuple:
+def _vision_plan(ckpt: Checkpoint, name: str, heads: Optional[int], bits: Optional[int]) -> tuple:
     """(_Plan, config dict) for a vision component of a release-layout checkpoint."""
     if name == "understanding":
         sources = [LazyTensors(ckpt.file("tokenizer")), LazyTensors(ckpt.file("understanding"))]
         shapes = {}
         for source in sources:
             shapes.update(source.shapes)
-        config = TokenizerConfig.from_shapes(shapes, heads)
+        if "vit_proj.weight" not in sources[1].shapes:
+            raise CheckpointError(f"{sources[1].path}: missing key 'vit_proj.weight'")
+        config = TokenizerConfig.from_shapes(shapes, heads, str(sources[1].path))
+        llm_hidden = sources[1].shapes["vit_proj.weight"][0]  # the LLM width vit_proj projects to
         module = DynamicVisualTokenizer(config, quantizer=False, llm_hidden=llm_hidden)
         tokenizer_keys = set(sources[0].shapes)
         # visual_weight.bin's extras (other tokenizer parts) are known; from the tokenizer
@@ -177,13 +231,13 @@ def _vision_plan(ckpt: Checkpoint, name: str, heads: int, llm_hidden: int, bits:
     source = LazyTensors(ckpt.file(name))
     if name == "eva":
         source = SanitizedTensors(source, EVAVisionTransformer.sanitize)
-        config = EVAConfig.from_shapes(source.shapes, heads)
+        config = EVAConfig.from_shapes(source.shapes, heads, str(source.path))
         return _Plan(name, EVAVisionTransformer(config), [source], quant_bits=bits), config
     if name == "tokenizer":
-        config = TokenizerConfig.from_shapes(source.shapes, heads)
+        config = TokenizerConfig.from_shapes(source.shapes, heads, str(source.path))
         module = DynamicVisualTokenizer(config, quantizer=True)
         return _Plan(name, module, [source], known_extra=KNOWN_EXTRAS["tokenizer"], quant_bits=bits), config
-    config = VQDecoderConfig.from_shapes(source.shapes, heads)
+    config = VQDecoderConfig.from_shapes(source.shapes, heads, str(source.path))
     return _Plan(name, VQDecoder(config), [source], quant_bits=bits), config
 
 
@@ -200,20 +254,12 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
     Returns:
         A `ConvertReport`.
     """
-    if options.dtype not in DTYPES:
-        raise LaVITError(f"--dtype {options.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if options.quantize not in (None, 4, 8):
-        raise LaVITError(f"--quantize {options.quantize}: expected 4 or 8")
-    if options.group_size not in (32, 64, 128):
-        raise LaVITError(f"--group-size {options.group_size}: expected 32, 64 or 128")
+    options.check()
     ckpt = Checkpoint.open(src)
     if ckpt.kind != "release":
         raise LaVITError(f"{src} is already an MLX folder (use --to torch to go back)")
-    heads = options.vision_heads or 16
+    heads = options.vision_heads  # None: the release's 16 at width 1408, otherwise required
     requested = options.components or [c for c in ALL_COMPONENTS if ckpt.has(c)]
-    unknown = [c for c in requested if c not in ALL_COMPONENTS]
-    if unknown:
-        raise LaVITError(f"unknown component {unknown[0]!r}; choose from {', '.join(ALL_COMPONENTS)}")
     for component in requested:
         if component in VISION:
             ckpt.file(component)
@@ -221,22 +267,23 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
             ckpt.folder(component)
     if any(c in requested for c in ("lowres_decoder", "highres_decoder")) or "tokenizer" in requested:
         ckpt.file("tokenizer")  # the codebook is always written
-    dtype = DTYPES[options.dtype]
+    dtype = DTYPES[options.dtype] if options.dtype else None
 
     llm_config = {}
     if (ckpt.path / "language_model" / "config.json").is_file():
-        llm_config = json.loads((ckpt.path / "language_model" / "config.json").read_text())
-    llm_hidden = int(llm_config.get("hidden_size", 4096))
+        llm_config = read_json(ckpt.path / "language_model" / "config.json")
     vision_bits = 8 if options.quantize_vision else None
 
     # Pass 1: check everything before writing anything.
     plans, configs = [], {}
     for component in (c for c in requested if c in VISION):
-        plan, config = _vision_plan(ckpt, component, heads, llm_hidden, vision_bits)
+        plan, config = _vision_plan(ckpt, component, heads, vision_bits)
         _check_keys(plan)
         plans.append(plan)
         configs[component] = config
     llm_plan = _llm_plan(ckpt, options) if "llm" in requested else None
+    if llm_plan is not None:
+        check_quantizable(llm_plan[0])
     pixel_plans = {c: _pixel_plans(ckpt, c, options.quantize_unet) for c in requested if c in ("highres_pixel", "lowres_pixel")}
 
     report = ConvertReport(components=list(requested))
@@ -262,9 +309,8 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
         top = {
             "format": MLX_FORMAT["name"],
             "format_version": MLX_FORMAT["version"],
-            "dtype": options.dtype,
-            "vision_heads": heads,
-            "llm_hidden": llm_hidden,
+            "dtype": report.dtype if options.dtype is None else options.dtype,
+            "vision_heads": _stored_heads(configs),
             "components": list(requested),
             "token_ids": token_ids.to_dict(),
             "quantization": {
@@ -273,6 +319,7 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
                 "unet": {"bits": 8, "group_size": 64} if options.quantize_unet and pixel_plans else None,
             },
             "unquantized_layers": report.unquantized,
+            "quantized_layers": report.quantized,
             "source": str(ckpt.path),
         }
         for component in ("eva", "lowres_decoder", "highres_decoder"):
@@ -291,6 +338,12 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
         write_manifest(staging, MLX_FORMAT["manifest"])
         report.bytes_written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
     return report
+
+
+def _stored_heads(configs: dict) -> Optional[int]:
+    """The vision head count the converted components were built with (None: no vision part)."""
+    heads = {c.num_heads for c in configs.values()}
+    return heads.pop() if len(heads) == 1 else None
 
 
 def _llm_plan(ckpt: Checkpoint, options: ConvertOptions) -> tuple:
@@ -326,7 +379,8 @@ def _write_llm(llm: tuple, folder: Path, dtype: mx.Dtype, options: ConvertOption
     _write_plan(plan, writer, dtype, report)
     writer.close()
     config = dict(config)
-    config["torch_dtype"] = options.dtype
+    if options.dtype:
+        config["torch_dtype"] = options.dtype  # otherwise the source's own, as it was
     if options.quantize:
         config["quantization"] = {"group_size": options.group_size, "bits": options.quantize}
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -50,7 +50,7 @@ def to_torch_layout(weights: Dict[str, mx.array]) -> dict:
 
 
 def _save_bin(state: dict, path: Path) -> None:
-    torch = require_torch()
+    torch = require_torch("writing")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in state.items()}, path)
 
@@ -120,17 +120,25 @@ def _write_pixel(ckpt: Checkpoint, component: str, out: Path) -> None:
 
 
 def _save_bin_tensor(tensor, path: Path) -> None:
-    torch = require_torch()
+    torch = require_torch("writing")
     torch.save(tensor.contiguous(), path)
 
 
 def convert_to_torch(src, out, force: bool = False, safetensors: bool = False,
                      progress: Optional[Callable[[str], None]] = None) -> list:
-    """Write an MLX folder back in the released layout; returns the components written."""
-    require_torch()
+    """Write an MLX folder back in the released layout; returns the components written.
+
+    Quantized components are dequantized (the quantization error stays); `progress` is
+    told so, with the component's bits.
+    """
+    require_torch("writing")
     ckpt = Checkpoint.open(src)
     if ckpt.kind != "mlx":
         raise LaVITError(f"{src} is not an MLX folder (convert a released checkpoint with `lavit convert SRC OUT`)")
+    for group, quantization in (ckpt.config.get("quantization") or {}).items():
+        if quantization and progress:
+            progress(f"note: the {group} weights are stored {quantization['bits']}-bit; they are dequantized "
+                     "(the quantization error stays, the output is not the original model)")
     written = []
     with staged_folder(Path(out), force) as staging:
         for component in ("eva", "tokenizer", "understanding", "lowres_decoder", "highres_decoder"):

@@ -16,10 +16,16 @@ from typing import Union
 from lavit_mlx.errors import CheckpointError, MissingDependencyError
 
 
-def require_torch():
+def require_torch(purpose: str = "reading"):
+    """torch, or a one-line error saying what needs it: "reading" released `.bin`
+    pickles, or "writing" PyTorch checkpoints (`--to torch`)."""
     try:
         import torch
     except ImportError:
+        if purpose == "writing":
+            raise MissingDependencyError(
+                "writing PyTorch checkpoints (--to torch) needs torch: pip install 'lavit-mlx[torch]'"
+            ) from None
         raise MissingDependencyError(
             "reading PyTorch .bin checkpoints needs torch: pip install 'lavit-mlx[torch]', "
             "or convert the checkpoint once with `lavit convert` on a machine that has it"

@@ -1,17 +1,23 @@
 """Writing checkpoint folders safely: a temporary sibling folder renamed when complete,
 sharded safetensors, and a checksummed manifest.
 
-An interrupted conversion (an error, Ctrl-C) removes its temporary folder; the output
-path only ever appears complete. `--force` replaces an existing output only after the
-new one is complete.
+The output path only ever appears complete. An interrupted conversion (an error,
+Ctrl-C, SIGTERM) removes its temporary folder. A conversion killed outright (SIGKILL,
+power loss) cannot clean up: its folder `.lavit-partial-OUT-PID-*` stays beside OUT,
+named with the process id, and the next conversion into the same parent folder removes
+every such folder whose process is gone. `--force` replaces an existing output only
+after the new one is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator
@@ -37,15 +43,54 @@ def check_destination(out: Path, force: bool) -> None:
         raise LaVITError(f"cannot write {out}: no write permission in {parent}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_partials(parent: Path) -> list:
+    """Remove `.lavit-partial-*-PID-*` folders in `parent` whose process has ended
+    (left by a conversion that was killed); returns the removed paths."""
+    removed = []
+    for stale in Path(parent).glob(f"{PARTIAL_PREFIX}*"):
+        found = re.search(r"-(\d+)-[^-]+$", stale.name)
+        if stale.is_dir() and found and not _alive(int(found.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
+
+
+@contextmanager
+def interruptible():
+    """Turn SIGTERM into KeyboardInterrupt for the duration, so that `kill` cleans up as
+    Ctrl-C does (the temporary folder is removed) instead of leaving it behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("terminated")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it becomes `out`."""
     out = Path(out)
     check_destination(out, force)
     parent = out.parent if str(out.parent) else Path(".")
-    for stale in parent.glob(f"{PARTIAL_PREFIX}{out.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed earlier run
-    staging = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{out.name}-", dir=parent))
+    remove_stale_partials(parent)
+    staging = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{out.name}-{os.getpid()}-", dir=parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
@@ -55,7 +100,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{out.name}-old-", dir=parent))
+        old = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{out.name}-old-{os.getpid()}-", dir=parent))
         os.rename(out, old / out.name)
         os.rename(staging, out)
         shutil.rmtree(old, ignore_errors=True)

@@ -102,6 +102,16 @@ class Checkpoint:
     def known_extra(self, component: str) -> Optional[Callable[[str], bool]]:
         return KNOWN_EXTRAS.get(component)
 
+    def shapes(self, component: str) -> dict:
+        """{key: shape} of a component's tensors, without reading the tensors."""
+        from lavit_convert.torch_io import LazyTensors
+
+        source = LazyTensors(self.file(component))
+        try:
+            return dict(source.shapes)
+        finally:
+            source.close()
+
     def understanding_weights(self) -> Weights:
         """The understanding path's weights: the tokenizer's selector with
         `visual_weight.bin` loaded over it, as the official `build_dynamic_tokenizer` does
@@ -143,6 +153,8 @@ class MLXCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         super().__init__(path)
         config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{self.path}: the MLX folder has no config.json (convert the checkpoint again)")
         try:
             self.config = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -156,16 +168,34 @@ class MLXCheckpoint(Checkpoint):
 
     @staticmethod
     def is_mlx_folder(path: Path) -> bool:
-        config = Path(path) / "config.json"
+        """A top-level config.json (the released layout has none) or the MLX manifest.
+
+        A config.json that cannot be read is reported as such, not as a broken released
+        layout.
+        """
+        path = Path(path)
+        config = path / "config.json"
         if not config.is_file():
-            return False
+            return (path / MLX_FORMAT["manifest"]).is_file()
         try:
-            return json.loads(config.read_text()).get("format") == MLX_FORMAT["name"]
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            data = json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config}: the MLX folder's config is not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != MLX_FORMAT["name"]:
+            if (path / MLX_FORMAT["manifest"]).is_file() or not any((path / d).exists() for d in RELEASE_FOLDERS.values()):
+                raise CheckpointError(f"{config}: not a lavit-mlx config (no \"format\": \"{MLX_FORMAT['name']}\")")
             return False
+        return True
 
     def describe(self) -> str:
-        quantized = [f"{name} {q['bits']}-bit" for name, q in (self.config.get("quantization") or {}).items() if q]
+        counts = self.config.get("quantized_layers") or {}
+        quantized = []
+        for name, q in (self.config.get("quantization") or {}).items():
+            if not q:
+                continue
+            members = [c for c, group in MLX_FORMAT["quantization_group"].items() if group == name]
+            layers = sum(n for c, n in counts.items() if c.split("/")[0] in members)
+            quantized.append(f"{name} {q['bits']}-bit ({layers} layers)" if counts else f"{name} {q['bits']}-bit")
         extra = f", quantized: {', '.join(quantized)}" if quantized else ""
         return f"MLX folder ({self.config.get('dtype', 'float32')}{extra}) at {self.path}"
 
@@ -177,6 +207,9 @@ class MLXCheckpoint(Checkpoint):
 
     def known_extra(self, component: str) -> Optional[Callable[[str], bool]]:
         return None  # written by lavit convert: exactly the model's keys
+
+    def shapes(self, component: str) -> dict:
+        return {k: tuple(v.shape) for k, v in self.weights(component).items()}
 
     def understanding_weights(self) -> Weights:
         return self.weights("understanding")  # stored merged by lavit convert

@@ -12,10 +12,35 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 # Values that tensor shapes cannot reveal; the release's.
 RELEASE_VISION_HEADS = 16
+RELEASE_VISION_WIDTH = 1408  # EVA-CLIP ViT-g/14, the merger and the VQ decoders of the release
+
+
+def vision_heads_for(width: int, given: Optional[int], what: str, source: str) -> int:
+    """The attention head count of a vision component read from a released-layout file.
+
+    Shapes cannot reveal it. At the release's width (1408) the release's 16 heads are
+    right; at any other width a guess would give silently wrong tokens, so the count must
+    be given (`--vision-heads`). A given count must divide the width.
+    """
+    from .errors import CheckpointError
+
+    if given is None:
+        if width != RELEASE_VISION_WIDTH:
+            raise CheckpointError(
+                f"{source}: the {what} is {width} wide, not the release's {RELEASE_VISION_WIDTH}, so its attention "
+                "head count is unknown (shapes cannot tell): pass --vision-heads N"
+            )
+        return RELEASE_VISION_HEADS
+    if given <= 0 or width % given:
+        raise CheckpointError(
+            f"vision heads {given} does not divide the {what} width {width}; "
+            "pass the head count the checkpoint was trained with (--vision-heads)"
+        )
+    return given
 
 
 def mlp_width(width: int) -> int:
@@ -67,13 +92,13 @@ class EVAConfig(_Config):
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: int) -> "EVAConfig":
+    def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: Optional[int], source: str = "EVA") -> "EVAConfig":
         width, _, patch, _ = shapes["patch_embed.proj.weight"]
         grid = math.isqrt(shapes["pos_embed"][1] - 1)
         return cls(
             width=width,
             depth=_count_blocks(list(shapes), "blocks."),
-            num_heads=num_heads,
+            num_heads=vision_heads_for(width, num_heads, "EVA vision transformer", source),
             mlp_dim=shapes["blocks.0.mlp.fc1.weight"][0],
             patch_size=patch,
             image_size=grid * patch,
@@ -94,13 +119,15 @@ class TokenizerConfig(_Config):
     eps: float = 1e-5
 
     @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: int) -> "TokenizerConfig":
+    def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: Optional[int],
+                    source: str = "tokenizer") -> "TokenizerConfig":
         # The understanding weights (visual_weight.bin) have no codebook: keep the default.
         codebook_size, code_dim = shapes.get("quantize.embedding.weight", (cls.codebook_size, cls.code_dim))
+        width = shapes["token_predictor.in_conv.1.weight"][0]
         return cls(
-            width=shapes["token_predictor.in_conv.1.weight"][0],
+            width=width,
             merger_depth=_count_blocks(list(shapes), "causal_encoder.blocks."),
-            num_heads=num_heads,
+            num_heads=vision_heads_for(width, num_heads, "token merger", source),
             mlp_dim=shapes["causal_encoder.blocks.0.mlp.fc1.weight"][0],
             codebook_size=codebook_size,
             code_dim=code_dim,
@@ -124,9 +151,11 @@ class VQDecoderConfig(_Config):
     eps: float = 1e-5
 
     @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: int) -> "VQDecoderConfig":
+    def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: Optional[int],
+                    source: str = "VQ decoder") -> "VQDecoderConfig":
         highres = "unet_attnpool.c_proj.weight" in shapes
         width, code_dim = shapes["in_proj.weight"]
+        num_heads = vision_heads_for(width, num_heads, "VQ decoder", source)
         if highres:
             context_dims = (shapes["unet_proj_1.weight"][0], shapes["unet_proj_2.weight"][0])
             pooled_dim = shapes["unet_attnpool.c_proj.weight"][0]
@@ -194,7 +223,7 @@ class TokenIds(_Config):
 class LaVITConfig(_Config):
     """The composed model. Components are None until known (read or loaded)."""
 
-    vision_heads: int = RELEASE_VISION_HEADS
+    vision_heads: Optional[int] = None  # None: the release's rule (16 at width 1408, else required)
     eva: EVAConfig | None = None
     tokenizer: TokenizerConfig | None = None
     llm_hidden: int = 4096  # vit_proj output width

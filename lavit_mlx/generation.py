@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,18 +27,30 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import LaVITError
-from .pixel_decoder import ASPECT_RATIOS, HIGHRES_DEFAULTS, LOWRES_DEFAULTS
 from .image_tokens import ImageTokenDecoding, stream_image_tokens, visual_codes
+from .pixel_decoder import ASPECT_RATIOS, HIGHRES_DEFAULTS, LOWRES_DEFAULTS
+from .sampling import check_common
+from .schedulers import SCHEDULERS
+from .seeding import MAX_SEED, key, resolve_seed
 
 # The release's LLM guidance: 4.0 for text prompts, 5.0 when the prompt holds an image.
 TEXT_LLM_GUIDANCE = 4.0
 MULTIMODAL_LLM_GUIDANCE = 5.0
 IMAGE_PLACEHOLDER = "<image>"
+DECODERS = ("highres", "lowres")
+SIZE_STEP = 8  # one latent pixel of the release's VAEs; the model's own factor is checked once loaded
+MAX_SIDE = 4096
+MAX_IMAGES = 64
+MAX_STEPS = 1000
 
 
 @dataclass
 class GenerationSettings:
-    """Everything that decides an image; stored in the PNG's text metadata."""
+    """Everything that decides an image; stored in the PNG's text metadata.
+
+    `seed` is the first image's seed; image i of a batch uses seed + i, so that any image
+    can be made again alone (`--seed <its seed> -n 1`).
+    """
 
     prompt: str = ""
     images: List[str] = field(default_factory=list)  # prompt images, for <image> placeholders
@@ -60,40 +73,80 @@ class GenerationSettings:
     low_memory: bool = False
 
     def resolved(self) -> "GenerationSettings":
-        """A copy with every default filled in as the release would."""
+        """A checked copy with every default filled in as the release would (idempotent).
+
+        Raises a one-line LaVITError naming the option for any value that cannot work, so
+        that callers can validate before loading anything.
+        """
+        if self.decoder not in DECODERS:
+            raise LaVITError(f"--decoder {self.decoder!r}: expected one of {', '.join(DECODERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise LaVITError(f"--scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
         highres = self.decoder == "highres"
-        if self.decoder not in ("highres", "lowres"):
-            raise LaVITError(f"--decoder {self.decoder!r}: expected highres or lowres")
         defaults = HIGHRES_DEFAULTS if highres else LOWRES_DEFAULTS
         out = GenerationSettings(**asdict(self))
         if self.ratio is not None:
             if self.ratio not in ASPECT_RATIOS:
                 raise LaVITError(f"--ratio {self.ratio!r}: choose one of {', '.join(ASPECT_RATIOS)}")
-            if self.height or self.width:
-                raise LaVITError("give either --ratio or --width/--height, not both")
             if not highres:
                 raise LaVITError("--ratio applies to the high-res decoder; use --width/--height with lowres")
-            out.height, out.width = ASPECT_RATIOS[self.ratio]
-        out.height = out.height or defaults.size[0]
-        out.width = out.width or defaults.size[1]
-        out.steps = out.steps or defaults.steps
-        out.guidance = defaults.guidance if out.guidance is None else out.guidance
+            size = ASPECT_RATIOS[self.ratio]
+            if (self.height, self.width) not in ((None, None), size):
+                raise LaVITError("give either --ratio or --width/--height, not both")
+            out.height, out.width = size
+        elif (self.height is None) != (self.width is None):
+            given = "--width" if self.height is None else "--height"
+            missing = "--height" if self.height is None else "--width"
+            raise LaVITError(f"{given} needs {missing} too (or use --ratio)")
+        for flag, value in (("--height", out.height), ("--width", out.width)):
+            if value is not None and not (SIZE_STEP <= value <= MAX_SIDE and value % SIZE_STEP == 0):
+                raise LaVITError(f"{flag} {value}: expected a multiple of {SIZE_STEP} from {SIZE_STEP} to {MAX_SIDE}")
+        if out.height is None:
+            out.height, out.width = defaults.size
+        if out.steps is None:
+            out.steps = defaults.steps
+        if not 1 <= out.steps <= MAX_STEPS:
+            raise LaVITError(f"--steps {out.steps}: expected 1 to {MAX_STEPS}")
+        out.guidance = defaults.guidance if out.guidance is None else float(out.guidance)
         if out.llm_guidance is None:
             out.llm_guidance = MULTIMODAL_LLM_GUIDANCE if self.images else TEXT_LLM_GUIDANCE
-        if out.seed is None:
-            out.seed = int.from_bytes(os.urandom(4), "little") >> 1
-        if out.num_images < 1:
-            raise LaVITError(f"-n {out.num_images}: expected at least 1")
+        for flag, value in (("--guidance", out.guidance), ("--llm-guidance", out.llm_guidance)):
+            if not (value >= 0 and value < float("inf")):
+                raise LaVITError(f"{flag} {value}: expected a finite number >= 0")
+        if not 1 <= out.num_images <= MAX_IMAGES:
+            raise LaVITError(f"-n {out.num_images}: expected 1 to {MAX_IMAGES}")
+        if out.min_new_tokens > out.max_new_tokens:
+            raise LaVITError(f"min_new_tokens {out.min_new_tokens} exceeds max_new_tokens {out.max_new_tokens}")
+        check_common(out.max_new_tokens, out.min_new_tokens, out.temperature, out.top_k, out.top_p)
+        out.seed = resolve_seed(out.seed)
+        if out.seed + out.num_images - 1 > MAX_SEED:
+            raise LaVITError(f"--seed {out.seed}: image {out.num_images} would need seed {out.seed + out.num_images - 1}, "
+                             f"past {MAX_SEED}")
         return out
+
+    def image_seed(self, index: int) -> int:
+        return self.seed + index
 
 
 @dataclass
-class Event:
+class Progress:
     """A progress event: `stage` is 'tokens', 'decode', 'denoise' or 'vae'."""
 
     stage: str
     done: int
     total: int
+
+
+Event = Progress  # the name earlier versions used
+
+
+@dataclass
+class Done:
+    """The last event of a pipeline: the images and the settings that made them."""
+
+    images: List[np.ndarray]  # uint8 (H, W, 3)
+    settings: GenerationSettings
+    seconds: float = 0.0
 
 
 def prompt_pieces(prompt: str, images: Sequence[str]) -> List[Tuple[str, str]]:
@@ -131,13 +184,14 @@ def prompt_ids(model, pieces: Sequence[Tuple[str, str]]) -> List[int]:
     return ids
 
 
-def generate_stages(model, settings: GenerationSettings) -> Iterator[Union[Event, List[np.ndarray]]]:
-    """Run the pipeline; yields `Event`s, then finally the list of uint8 images (H, W, 3).
+def generate_stages(model, settings: GenerationSettings) -> Iterator[Union[Progress, Done]]:
+    """Run the pipeline; yields `Progress` events, then one `Done` with the images.
 
     Args:
         model: a `LaVIT`.
         settings: resolved or not (`resolved()` is applied).
     """
+    start = time.perf_counter()
     s = settings.resolved()
     highres = s.decoder == "highres"
     decoder = model.pixel_decoder(highres)
@@ -151,11 +205,13 @@ def generate_stages(model, settings: GenerationSettings) -> Iterator[Union[Event
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
     )
     generated = [[] for _ in range(s.num_images)]
-    for step, tokens in enumerate(stream_image_tokens(model.llm, [ids] * s.num_images, decoding, negative, s.seed)):
+    steps = 0
+    for steps, tokens in enumerate(stream_image_tokens(model.llm, [ids] * s.num_images, decoding, negative, s.seed), 1):
         for row, token in enumerate(tokens):
             if token is not None:
                 generated[row].append(token)
-        yield Event("tokens", step + 1, s.max_new_tokens)
+        yield Progress("tokens", steps, s.max_new_tokens)
+    yield Progress("tokens", steps, steps)  # every image ended: the stage is complete
     codes = [np.array(visual_codes(row, model.token_ids), dtype=np.int64) for row in generated]
     empty = [i for i, c in enumerate(codes) if len(c) == 0]
     if empty:
@@ -165,27 +221,39 @@ def generate_stages(model, settings: GenerationSettings) -> Iterator[Union[Event
         )
     if s.low_memory:
         model.unload("llm")
-    yield Event("decode", 0, 1)
+    yield Progress("decode", 0, 1)
     conditioning = model.decode_codes(codes, highres=highres)
     mx.eval(conditioning)
     model.unload("highres_decoder" if highres else "lowres_decoder")
-    yield Event("decode", 1, 1)
-    yield from _denoise_and_decode(decoder, conditioning, s)
+    yield Progress("decode", 1, 1)
+    images = yield from _denoise_and_decode(decoder, conditioning, s)
+    yield Done(images, s, time.perf_counter() - start)
+
+
+def initial_latents(decoder, s: GenerationSettings, count: int) -> mx.array:
+    """N(0, 1) * init_noise_sigma latents; image i draws its noise from seed + i."""
+    sampler = decoder.scheduler(s.scheduler)
+    sampler.set_timesteps(s.steps)
+    shape = (decoder.unet.config.in_channels, s.height // decoder.vae_scale_factor, s.width // decoder.vae_scale_factor)
+    noise = [mx.random.normal(shape, key=key(s.image_seed(i))) for i in range(count)]
+    return mx.stack(noise) * sampler.init_noise_sigma
 
 
 def _denoise_and_decode(decoder, conditioning, s: GenerationSettings):
-    latents = None
+    latents = initial_latents(decoder, s, s.num_images)
     for step, total, latents in decoder.denoise(conditioning, s.height, s.width, s.steps, s.guidance,
-                                                s.scheduler, seed=s.seed):
-        yield Event("denoise", step, total)
-    yield Event("vae", 0, 1)
+                                                s.scheduler, latents=latents):
+        yield Progress("denoise", step, total)
+    yield Progress("vae", 0, 1)
     images = decoder.to_images(latents)
-    yield Event("vae", 1, 1)
-    yield list(images)
+    yield Progress("vae", 1, 1)
+    return list(images)
 
 
-def reconstruct_stages(model, image, settings: GenerationSettings) -> Iterator[Union[Event, List[np.ndarray]]]:
-    """Image -> discrete tokens -> pixels (the official `LaVITDetokenizer`)."""
+def reconstruct_stages(model, image, settings: GenerationSettings) -> Iterator[Union[Progress, Done]]:
+    """Image -> discrete tokens -> pixels (the official `LaVITDetokenizer`); yields `Progress`,
+    then `Done`."""
+    start = time.perf_counter()
     s = settings.resolved()
     highres = s.decoder == "highres"
     decoder = model.pixel_decoder(highres)
@@ -194,10 +262,24 @@ def reconstruct_stages(model, image, settings: GenerationSettings) -> Iterator[U
     model.unload("eva", "tokenizer")
     if tokens.num_tokens == 0:
         raise LaVITError(f"{image}: the tokenizer kept no patch of this image; nothing to decode")
-    yield Event("decode", 0, 1)
+    yield Progress("decode", 0, 1)
     conditioning = model.decode_codes([tokens.codes] * s.num_images, highres=highres)
-    yield Event("decode", 1, 1)
-    yield from _denoise_and_decode(decoder, conditioning, s)
+    yield Progress("decode", 1, 1)
+    images = yield from _denoise_and_decode(decoder, conditioning, s)
+    yield Done(images, s, time.perf_counter() - start)
+
+
+def run_stages(stages: Iterator[Union[Progress, Done]]) -> Done:
+    """Drive a pipeline to its end without progress reporting; returns the `Done` event."""
+    for event in stages:
+        if isinstance(event, Done):
+            return event
+    raise LaVITError("the pipeline ended without a result")
+
+
+# Settings that a reconstruction does not use (no LLM): kept out of its PNG metadata.
+LLM_SETTINGS = ("prompt", "negative_prompt", "llm_guidance", "temperature", "top_k", "top_p", "max_new_tokens",
+                "min_new_tokens")
 
 
 # ------------------------------------------------------------------ output files
@@ -223,12 +305,30 @@ def check_outputs(paths: Sequence[Path], force: bool) -> None:
             raise LaVITError(f"{path} already exists (use --force to replace it)")
 
 
-def save_png(image: np.ndarray, path: Path, settings: GenerationSettings, index: int = 0, **extra) -> None:
-    """Write atomically (temporary file + rename) with the settings as PNG text chunks."""
+def png_record(settings: GenerationSettings, index: int, model: Optional[str] = None,
+               reconstruction: bool = False) -> dict:
+    """The PNG's `lavit` metadata: every setting, this image's own seed, the model and version."""
+    from . import __version__
+
+    record = {k: v for k, v in asdict(settings).items() if not (reconstruction and k in LLM_SETTINGS)}
+    record.update(seed=settings.image_seed(index), batch_seed=settings.seed, image_index=index,
+                  model=model, lavit_version=__version__)
+    if reconstruction:
+        record["task"] = "reconstruction"
+    return record
+
+
+def save_png(image: np.ndarray, path: Path, settings: GenerationSettings, index: int = 0,
+             model: Optional[str] = None, reconstruction: bool = False) -> None:
+    """Write atomically (temporary file + rename) with the settings as PNG text chunks.
+
+    The `seed` chunk is this image's own seed: `--seed <it> -n 1` makes the image again.
+    """
     info = PngImagePlugin.PngInfo()
-    record = {**asdict(settings), "image_index": index, **extra}
-    info.add_text("prompt", settings.prompt)
-    info.add_text("seed", str(settings.seed))
+    record = png_record(settings, index, model, reconstruction)
+    if not reconstruction:
+        info.add_text("prompt", settings.prompt)
+    info.add_text("seed", str(record["seed"]))
     info.add_text("lavit", json.dumps(record))
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -130,3 +130,18 @@ def preprocess(images: Sequence[Image.Image], image_size: int = 224) -> np.ndarr
 def load_images(sources: Iterable[ImageInput], image_size: int = 224) -> np.ndarray:
     """`load_image` then `preprocess` on each source: (B, 3, H, W) float32."""
     return preprocess([load_image(s) for s in sources], image_size)
+
+
+def source_name(source: ImageInput) -> Optional[str]:
+    """The path of an image given by path, None for an in-memory image."""
+    return None if isinstance(source, Image.Image) else str(source)
+
+
+def load_or_error(source: ImageInput, skip_bad: bool):
+    """(image, None), or (None, message) for an image that cannot be read when `skip_bad`."""
+    try:
+        return load_image(source), None
+    except ImageError as exc:
+        if not skip_bad:
+            raise
+        return None, str(exc)

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import Checkpoint
 from .config import (
     RELEASE_VISION_HEADS,
+    RELEASE_VISION_WIDTH,
     EVAConfig,
     LaVITConfig,
     TokenIds,
@@ -27,7 +28,8 @@ from .config import (
     VQDecoderConfig,
 )
 from .errors import CheckpointError, LaVITError
-from .image_processing import ImageInput, load_image, preprocess
+from .seeding import check_seed, key, resolve_seed
+from .image_processing import ImageInput, load_or_error, preprocess, source_name
 from .models.eva_vit import EVAVisionTransformer
 from .models.visual_tokenizer import DynamicVisualTokenizer, TokenizerOutput
 from .models.vq_decoder import VQDecoder
@@ -41,6 +43,7 @@ class ImageTokens:
     codes: np.ndarray  # (T,) visual codes in raster order of the kept patches
     keep_mask: np.ndarray  # (num_patches,) bool
     source: Optional[str] = None
+    error: Optional[str] = None  # why this image could not be tokenized (with skip_bad)
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +69,7 @@ class LaVIT:
     Use `lavit_mlx.load(path)` to create one.
     """
 
-    def __init__(self, checkpoint: Checkpoint, vision_heads: int = RELEASE_VISION_HEADS,
+    def __init__(self, checkpoint: Checkpoint, vision_heads: Optional[int] = None,
                  quantize: Optional[int] = None, group_size: int = 64):
         self.checkpoint = checkpoint
         self.config = LaVITConfig(vision_heads=vision_heads)
@@ -108,7 +111,8 @@ class LaVIT:
             config = cls.from_dict(stored)
         else:
             try:
-                config = cls.from_shapes(shapes(weights), self.config.vision_heads)
+                config = cls.from_shapes(shapes(weights), self.config.vision_heads,
+                                         str(self.checkpoint.file(component)))
             except KeyError as exc:
                 raise CheckpointError(f"{self.checkpoint.file(component)}: missing key {exc}") from None
         return config
@@ -163,7 +167,8 @@ class LaVIT:
             if self.checkpoint.config.get("tokenizer") is not None:
                 config = TokenizerConfig.from_dict(self.checkpoint.config["tokenizer"])
             else:
-                config = TokenizerConfig.from_shapes(shapes(weights), self.config.vision_heads)
+                config = TokenizerConfig.from_shapes(shapes(weights), self.config.vision_heads,
+                                                     str(self.checkpoint.file("understanding")))
             _check_heads(config.width, config.num_heads, "token merger")
             model = DynamicVisualTokenizer(config, quantizer=False, llm_hidden=self.config.llm_hidden)
             return self._load_module("understanding", model, weights)
@@ -248,8 +253,24 @@ class LaVIT:
             f"[IMG]={ids.image_start} [/IMG]={ids.image_end} visual={ids.visual_offset}.."
             f"{ids.vocab_size - 1}"
         )
-        info["vision heads"] = str(self.config.vision_heads)
+        info["vision heads"] = self._vision_heads_line()
         return info
+
+    def _vision_heads_line(self) -> str:
+        if self.checkpoint.config.get("vision_heads") is not None:
+            return f"{self.checkpoint.config['vision_heads']} (stored in the MLX folder)"
+        if self.config.vision_heads is not None:
+            return f"{self.config.vision_heads} (given)"
+        for component in ("eva", "tokenizer", "highres_decoder", "lowres_decoder"):
+            if self.checkpoint.has(component):
+                weights_shapes = self.checkpoint.shapes(component)
+                key = "patch_embed.proj.weight" if component == "eva" else (
+                    "token_predictor.in_conv.1.weight" if component == "tokenizer" else "in_proj.weight")
+                width = weights_shapes[key][0]
+                if width == RELEASE_VISION_WIDTH:
+                    return f"{RELEASE_VISION_HEADS} (the release's, for its width {width})"
+                return f"unknown: the width {width} is not the release's, pass --vision-heads"
+        return "not needed (no vision component)"
 
     def _llm_memory_line(self) -> str:
         """LLM weight memory at each precision (counted on the unmaterialised model)."""
@@ -392,25 +413,26 @@ class LaVIT:
         self,
         pixel_values: np.ndarray,
         sample: bool = False,
-        seed: Optional[int] = None,
+        seed=None,
         understanding: bool = False,
     ) -> TokenizerOutput:
         """Run EVA and the tokenizer (or the understanding path) on processed images.
 
-        With `sample`, image i of the batch draws its keep mask with `mx.random.key(seed + i)`.
+        With `sample`, image i of the batch draws its keep mask with the key of `seed + i`,
+        or of `seed[i]` when `seed` is a list.
         """
         features = self.encode(pixel_values)[:, 1:]
         tokenizer = self.understanding if understanding else self.tokenizer
         keep = None
         if sample:
             logprobs = tokenizer.token_predictor(features)
-            if seed is None:
-                seed = int(np.random.SeedSequence().entropy % (2**31))
+            if isinstance(seed, (list, tuple)):
+                seeds = [check_seed(s) for s in seed]
+            else:
+                base = resolve_seed(seed)
+                seeds = [base + i for i in range(len(pixel_values))]
             keep = mx.concatenate(
-                [
-                    tokenizer.select(logprobs[i : i + 1], sample=True, key=mx.random.key(seed + i))
-                    for i in range(len(pixel_values))
-                ]
+                [tokenizer.select(logprobs[i : i + 1], sample=True, key=key(s)) for i, s in enumerate(seeds)]
             )
         return tokenizer(features, keep_mask=keep)
 
@@ -421,6 +443,7 @@ class LaVIT:
         seed: Optional[int] = None,
         batch_size: int = 8,
         progress: Optional[Callable[[int], None]] = None,
+        skip_bad: bool = False,
     ) -> List[ImageTokens]:
         """Turn images into LaVIT's dynamic discrete visual tokens.
 
@@ -433,6 +456,8 @@ class LaVIT:
                 `seed + i`, so results do not depend on the batch size.
             batch_size: images per forward pass.
             progress: called with the number of images done after each batch.
+            skip_bad: an image that cannot be read gives an `ImageTokens` with `error`
+                set (and no codes) instead of raising, and the others are tokenized.
 
         Returns:
             One `ImageTokens` per image, in order.
@@ -442,13 +467,22 @@ class LaVIT:
         results: List[ImageTokens] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            pixels = preprocess([load_image(image) for image in chunk], size)
-            chunk_seed = None if seed is None else seed + start
-            out = self.tokenize_pixels(pixels, sample=sample, seed=chunk_seed)
-            keep = np.array(out.keep_mask) > 0.5
+            loaded = [load_or_error(image, skip_bad) for image in chunk]
+            good = [i for i, (picture, _) in enumerate(loaded) if picture is not None]
+            out = None
+            if good:
+                pixels = preprocess([loaded[i][0] for i in good], size)
+                # image j of the whole call samples with seed + j, whatever the batching
+                seeds = None if seed is None else [seed + start + i for i in good]
+                out = self.tokenize_pixels(pixels, sample=sample, seed=seeds)
+                keep = np.array(out.keep_mask) > 0.5
+            row = {i: r for r, i in enumerate(good)}
             for i, image in enumerate(chunk):
-                name = image if isinstance(image, (str, Path)) else None
-                results.append(ImageTokens(out.codes[i], keep[i], None if name is None else str(name)))
+                if i in row:
+                    results.append(ImageTokens(out.codes[row[i]], keep[row[i]], source_name(image)))
+                else:
+                    results.append(ImageTokens(np.zeros((0,), np.int64), np.zeros((0,), bool), source_name(image),
+                                               error=loaded[i][1]))
             if progress:
                 progress(len(chunk))
         return results
@@ -479,5 +513,5 @@ def load(path, vision_heads: Optional[int] = None, quantize: Optional[int] = Non
         )
     if quantize not in (None, 4, 8):
         raise LaVITError(f"--quantize {quantize}: expected 4 or 8")
-    return LaVIT(checkpoint, vision_heads=vision_heads or stored or RELEASE_VISION_HEADS,
+    return LaVIT(checkpoint, vision_heads=vision_heads or stored,
                  quantize=quantize, group_size=group_size)

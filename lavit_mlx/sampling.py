@@ -189,8 +189,13 @@ def _warp(scores: mx.array, temperature: float, top_k: int, top_p: float, min_ke
     return scores
 
 
-def row_seeds(seed: Optional[int], rows: int) -> List[int]:
-    """Row i samples with seed + i, so that a row of a batch can be reproduced alone."""
+def row_seeds(seed, rows: int) -> List[int]:
+    """Row i samples with seed + i, so that a row of a batch can be reproduced alone; a
+    list gives every row's seed itself."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != rows:
+            raise LaVITError(f"{len(seed)} seeds for {rows} rows")
+        return [check_seed(s) for s in seed]
     base = check_seed(seed) if seed is not None else new_seed()
     return [(base + i) % (MAX_SEED + 1) for i in range(rows)]
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
-from .image_processing import ImageInput, load_image, preprocess
+from .errors import LaVITError
+from .image_processing import ImageInput, load_or_error, preprocess, source_name
 from .sampling import TextDecoding, beam_search, stream_text
+from .seeding import resolve_seed
 
 VQA_PROMPT = "Question: {} Answer:"
 # Options of `caption`/`ask` that configure decoding; the others go to `describe`.
@@ -37,6 +39,7 @@ class Answer:
     raw: str  # the decoded text before post-processing
     token_ids: List[int]
     source: Optional[str] = None
+    error: Optional[str] = None  # why this image could not be read (with skip_bad)
 
 
 def clean_caption(text: str) -> str:
@@ -51,15 +54,33 @@ def clean_answer(text: str) -> str:
     return text.lower()
 
 
-def _embeddings(model, images: Sequence[ImageInput], prompts: Sequence[str], sample_tokens: bool, seed):
+def _embeddings(model, pictures, prompts: Sequence[str], sample_tokens: bool, seeds):
     """Per image: [IMG] visual [/IMG] prompt, as LLM input embeddings."""
     size = model.eva.config.image_size
-    pixels = preprocess([load_image(image) for image in images], size)
-    out = model.tokenize_pixels(pixels, sample=sample_tokens, seed=seed, understanding=True)
+    out = model.tokenize_pixels(preprocess(pictures, size), sample=sample_tokens, seed=seeds, understanding=True)
     prompt_ids = [model.text_tokenizer.encode(p) if p else [] for p in prompts]
     rows = model.understanding_rows(out.visual_embeds, prompt_ids)
     model.llm.check_length(max(int(r.shape[0]) for r in rows))
     return rows
+
+
+def _decode_rows(model, rows, decoding: TextDecoding, seeds: List[int], stream) -> List[List[int]]:
+    tokenizer = model.text_tokenizer
+    if decoding.num_beams > 1:
+        final = None
+        for step in beam_search(model.llm, rows, decoding):
+            final = step
+            if stream and step.sequences is None:
+                stream([tokenizer.decode(ids) for ids in step.running])
+        return final.sequences
+    sequences = [[] for _ in rows]
+    for tokens in stream_text(model.llm, rows, decoding, seed=seeds):
+        for row, token in enumerate(tokens):
+            if token is not None:
+                sequences[row].append(token)
+        if stream:
+            stream([tokenizer.decode(ids) for ids in sequences])
+    return sequences
 
 
 def describe(
@@ -71,6 +92,9 @@ def describe(
     sample_tokens: bool = False,
     seed: Optional[int] = None,
     stream: Optional[Callable[[List[str]], None]] = None,
+    batch_size: int = 8,
+    skip_bad: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> List[Answer]:
     """Decode text for each (image, prompt) pair.
 
@@ -81,35 +105,41 @@ def describe(
         decoding: beams, lengths, sampling (see `sampling.TextDecoding`).
         clean: post-processing of the decoded text.
         sample_tokens: sample the token selection as the release does (seeded).
-        seed: for token selection and sampled decoding.
+        seed: for token selection and sampled decoding; image i of the call uses
+            seed + i, so results do not depend on the batching. None draws one.
         stream: called with the texts decoded so far after each step (greedy/sampled
-            decoding), or with the running best beams (beam search).
+            decoding), or with the running best beams (beam search), per batch.
+        batch_size: images per forward pass.
+        skip_bad: an image that cannot be read gives an `Answer` with `error` set
+            instead of raising; the others are answered.
+        progress: called with the number of images done after each batch.
 
     Returns:
         One `Answer` per image, in order.
     """
-    rows = _embeddings(model, images, prompts, sample_tokens, seed)
+    if batch_size < 1:
+        raise LaVITError(f"batch size {batch_size}: expected at least 1")
+    base = resolve_seed(seed)
     tokenizer = model.text_tokenizer
-    if decoding.num_beams > 1:
-        final = None
-        for step in beam_search(model.llm, rows, decoding):
-            final = step
-            if stream and step.sequences is None:
-                stream([tokenizer.decode(ids) for ids in step.running])
-        sequences = final.sequences
-    else:
-        sequences = [[] for _ in rows]
-        for tokens in stream_text(model.llm, rows, decoding, seed=seed):
-            for row, token in enumerate(tokens):
-                if token is not None:
-                    sequences[row].append(token)
-            if stream:
-                stream([tokenizer.decode(ids) for ids in sequences])
-    answers = []
-    for image, ids in zip(images, sequences):
-        raw = tokenizer.decode(ids)
-        name = str(image) if not hasattr(image, "size") else None
-        answers.append(Answer(clean(raw), raw, list(ids), name))
+    answers: List[Answer] = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        loaded = [load_or_error(image, skip_bad) for image in chunk]
+        good = [i for i, (picture, _) in enumerate(loaded) if picture is not None]
+        sequences = {}
+        if good:
+            seeds = [base + start + i for i in good]  # image j of the call: seed + j
+            rows = _embeddings(model, [loaded[i][0] for i in good], [prompts[start + i] for i in good],
+                               sample_tokens, seeds)
+            sequences = dict(zip(good, _decode_rows(model, rows, decoding, seeds, stream)))
+        for i, image in enumerate(chunk):
+            if i in sequences:
+                raw = tokenizer.decode(sequences[i])
+                answers.append(Answer(clean(raw), raw, list(sequences[i]), source_name(image)))
+            else:
+                answers.append(Answer("", "", [], source_name(image), error=loaded[i][1]))
+        if progress:
+            progress(len(chunk))
     return answers
 
 

@@ -231,7 +231,7 @@ def test_cli(cli, official_checkpoint, tmp_path):
     code, _, stderr = cli("convert", official_checkpoint, tmp_path / "x", "--components", "eva,wings")
     assert code == 1 and "unknown component 'wings'" in stderr
     code, _, stderr = cli("convert", official_checkpoint, tmp_path / "x", "--quantize", "3")
-    assert code == 1 and "--quantize 3" in stderr
+    assert code == 2 and "--quantize" in stderr and "'3' is not one of '4', '8'" in stderr
     code, _, stderr = cli("convert", "nobody/nothing-here", tmp_path / "x", env={"HF_HUB_OFFLINE": "1",
                           "HF_HUB_CACHE": str(tmp_path / "empty-cache")})
     assert code == 1 and "HF_HUB_OFFLINE" in stderr

@@ -32,7 +32,7 @@ def test_loads_and_reports(official_checkpoint):
     model.unload("eva")
     assert model.loaded == ["tokenizer"]
     info = model.describe()
-    assert "32000" in info["token ids"] and info["vision heads"] == "2"
+    assert "32000" in info["token ids"] and info["vision heads"] == "2 (given)"
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 import lavit_mlx
 from lavit_mlx.errors import LaVITError
 from lavit_mlx.generation import (
+    Done,
     GenerationSettings,
     check_outputs,
     generate_stages,
@@ -40,8 +42,8 @@ def second_image(tmp_path_factory):
 def run(stages):
     events, images = [], None
     for item in stages:
-        if isinstance(item, list):
-            images = item
+        if isinstance(item, Done):
+            images = item.images
         else:
             events.append(item)
     return events, images
@@ -120,14 +122,14 @@ def test_reconstruction(model, official_tiny):
 
 
 def test_generation_settings_errors(model, monkeypatch):
-    with pytest.raises(LaVITError, match="not a positive multiple of 2"):  # the tiny VAE halves once
+    with pytest.raises(LaVITError, match="--width 101: expected a multiple of 8"):
         run(generate_stages(model, settings(width=101)))
     with pytest.raises(LaVITError, match="--ratio"):
         settings(ratio="5:4").resolved()
     with pytest.raises(LaVITError, match="high-res decoder"):
         settings(ratio="4:3", width=None, height=None, decoder="lowres").resolved()
     assert settings(ratio="16:9", width=None, height=None).resolved().height == 768
-    with pytest.raises(LaVITError, match="unknown scheduler"):
+    with pytest.raises(LaVITError, match="--scheduler 'plms': expected one of ddim, euler, dpm"):
         run(generate_stages(model, settings(scheduler="plms")))
 
     import lavit_mlx.generation as generation
@@ -138,6 +140,39 @@ def test_generation_settings_errors(model, monkeypatch):
     monkeypatch.setattr(generation, "stream_image_tokens", no_visual_tokens)
     with pytest.raises(LaVITError, match="generated no visual tokens"):
         run(generate_stages(model, settings()))
+
+
+def test_settings_are_checked_before_any_work():
+    """Every value that cannot work is refused by `resolved()`, which callers run before loading."""
+    resolved = settings(ratio="16:9", width=None, height=None).resolved()
+    assert resolved.resolved() == resolved  # idempotent: resolving twice is not "--ratio and --width"
+    assert (resolved.height, resolved.width) == (768, 1344)
+    for bad, message in [
+        (dict(width=0), "--width 0: expected a multiple of 8"),
+        (dict(width=-8), "--width -8"),
+        (dict(height=8192), "--height 8192"),
+        (dict(width=64, height=None), "--width needs --height"),
+        (dict(width=None, height=64), "--height needs --width"),
+        (dict(ratio="4:3"), "either --ratio or --width/--height"),
+        (dict(steps=0), "--steps 0"),
+        (dict(guidance=-1.0), "--guidance -1.0"),
+        (dict(num_images=0), "-n 0"),
+        (dict(decoder="medium"), "--decoder 'medium'"),
+        (dict(seed=-1), "--seed -1"),
+        (dict(seed=99999999999999999999), "--seed 99999999999999999999"),
+        (dict(seed=2**32 - 1, num_images=2), "would need seed"),
+        (dict(min_new_tokens=30, max_new_tokens=10), "min_new_tokens 30 exceeds max_new_tokens 10"),
+    ]:
+        with pytest.raises(LaVITError, match=re.escape(message)):
+            settings(**bad).resolved()
+
+
+def test_each_image_of_a_batch_can_be_made_alone(model):
+    """Image i of -n N uses seed + i for its LLM sampling and its noise, so `--seed <its seed>`
+    makes it again alone."""
+    batch = run(generate_stages(model, settings(num_images=2, seed=20)))[1]
+    second = run(generate_stages(model, settings(num_images=1, seed=21)))[1]
+    assert np.array_equal(batch[1], second[0])
 
 
 def test_output_checks(tmp_path):
@@ -189,7 +224,7 @@ def test_cli_generate(cli, official_tiny, tmp_path):
     code, _, err = cli(*args[:-1], tmp_path / "nowhere" / "x.png")
     assert code == 1 and "does not exist" in err
     code, _, err = cli(*args[:-2], "--width", "61", "--out", tmp_path / "y.png")
-    assert code == 1 and "not a positive multiple of" in err
+    assert code == 1 and "--width 61: expected a multiple of 8" in err
     code, stdout, err = cli("reconstruct", official_tiny / "input.png", "-m", ckpt, *TINY, "--width", "32",
                             "--height", "32", "--steps", "1", "--out", tmp_path / "rec.png", "-n", "2")
     assert code == 0, err

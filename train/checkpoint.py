@@ -12,7 +12,7 @@ from typing import Optional
 from torch import nn
 
 from lavit_convert.torch_io import load_pickle
-from lavit_mlx.config import RELEASE_VISION_HEADS, EVAConfig, TokenizerConfig
+from lavit_mlx.config import EVAConfig, TokenizerConfig
 from lavit_mlx.errors import CheckpointError
 from lavit_mlx.layout import KNOWN_EXTRAS, RELEASE_FILES
 
@@ -54,13 +54,13 @@ def shapes_of(state: dict) -> dict:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def load_eva(root, vision_heads: int = RELEASE_VISION_HEADS) -> EVAVisionTransformer:
+def load_eva(root, vision_heads: Optional[int] = None) -> EVAVisionTransformer:
     state = read_state_dict(root, "eva")
     model = EVAVisionTransformer(EVAConfig.from_shapes(shapes_of(state), vision_heads))
     return load_state_strict(model, state, str(Path(root) / RELEASE_FILES["eva"]), "eva").eval()
 
 
-def load_tokenizer(root, vision_heads: int = RELEASE_VISION_HEADS, understanding: bool = False,
+def load_tokenizer(root, vision_heads: Optional[int] = None, understanding: bool = False,
                    llm_hidden: Optional[int] = None) -> DynamicVisualTokenizer:
     """The discrete tokenizer (`tokenizer_encoder.bin`) or, with `understanding`, the
     selector with `visual_weight.bin`'s merger and projection loaded over it."""
@@ -80,7 +80,7 @@ def load_tokenizer(root, vision_heads: int = RELEASE_VISION_HEADS, understanding
     return load_state_strict(model, merged, str(Path(root) / RELEASE_FILES["understanding"]), "understanding").eval()
 
 
-def load_decoder(root, highres: bool = True, vision_heads: int = RELEASE_VISION_HEADS):
+def load_decoder(root, highres: bool = True, vision_heads: Optional[int] = None):
     """The high-res or low-res VQ decoder of a release-layout folder."""
     from lavit_mlx.config import VQDecoderConfig
 
