@@ -534,13 +534,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = command.main(args=argv, prog_name="lavit", standalone_mode=False)
         code = result if isinstance(result, int) else 0
-    except typer.Abort:
-        typer.echo("error: interrupted", err=True)
+        if code == 130:  # typer turns Ctrl-C (and SIGTERM during a conversion) into exit code 130
+            print("error: interrupted", file=sys.stderr, flush=True)
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr, flush=True)
         code = 130
-    except typer.Exit as exc:
+    except (typer.Exit, click.exceptions.Exit) as exc:
         code = exc.exit_code
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C (and our SIGTERM) into Exit(130)
+            print("error: interrupted", file=sys.stderr, flush=True)
     except typer.TyperException as exc:  # click's usage errors (bad flag, missing argument)
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lavit`: show the help
             typer.echo(exc.format_message())
@@ -553,9 +555,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except LaVITError as exc:
         typer.echo(f"error: {exc}", err=True)
         code = 1
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        code = 130
     except MemoryError:
         typer.echo("error: out of memory; try a smaller size, fewer images, --low-memory or a quantized model", err=True)
         code = 1
