@@ -106,10 +106,12 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
         raise ImageError(f"{name}: not an image, truncated or corrupt ({exc})") from None
 
 
-def decode(record: Record, shard: str, index: int) -> Union[Sample, str]:
-    """The `Sample` of a record with its image decoded, or the reason it cannot be."""
+def decode(record: Record, shard: str, index: int, load: bool = True) -> Union[Sample, str]:
+    """The `Sample` of a record with its image decoded (unless not `load`), or why it cannot be."""
     try:
-        if isinstance(record.image, bytes):
+        if not load:
+            image = None
+        elif isinstance(record.image, bytes):
             image = _open_bytes(record.image, record.image_name)
         elif not os.path.isfile(record.image):
             return MISSING_IMAGE

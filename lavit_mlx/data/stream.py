@@ -51,13 +51,16 @@ class DataStream:
         epochs: stop after this many epochs (None: never stop).
         transform: called on each decoded `Sample`; its result is what the stream yields
             (None skips the sample, an `ImageError` counts it as a bad image).
+        load_images: decode images (False: `Sample.image` is None and image files are not
+            opened, e.g. for text-only stages or to count a data set).
     """
 
     def __init__(self, sources: Union[Source, Sequence[Source]], *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  shuffle_shards: bool = True, lines_per_shard: int = 1000,
                  epochs: Optional[int] = None,
-                 transform: Optional[Callable[[Sample], Any]] = None):
+                 transform: Optional[Callable[[Sample], Any]] = None,
+                 load_images: bool = True):
         if world_size < 1 or not 0 <= rank < world_size:
             raise LaVITError(f"rank {rank} is not one of world_size {world_size} ranks")
         if shuffle_buffer < 1 or lines_per_shard < 1 or (epochs is not None and epochs < 1):
@@ -65,6 +68,7 @@ class DataStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.shuffle_shards = shuffle_buffer, shuffle_shards
         self.lines_per_shard, self.epochs, self.transform = lines_per_shard, epochs, transform
+        self.load_images = load_images
         self._files = find_files(sources)  # stats only; the index pass waits for first use
         self._index: Optional[DataIndex] = None
         self._epoch = 0
@@ -195,7 +199,7 @@ class DataStream:
         return None
 
     def _deliver(self, pos: int, index: int, record: Any) -> Any:
-        sample = decode(record, self.index.shard_id(pos), index)
+        sample = decode(record, self.index.shard_id(pos), index, self.load_images)
         if isinstance(sample, str):
             self._count(sample)
             return _SKIP

@@ -25,12 +25,18 @@ from .samples import BAD_METADATA, NO_IMAGE, Record, record_from_fields
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+def _reason(exc: Exception) -> str:
+    """The first line of an exception's text (tarfile's can span several)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def _open(path: str) -> tarfile.TarFile:
+    # Seekable mode: skipping a sample seeks over its data instead of reading it.
+    mode = "r:gz" if path.lower().endswith((".gz", ".tgz")) else "r:"
     try:
-        # Seekable mode: skipping a sample seeks over its data instead of reading it.
-        return tarfile.open(path, mode="r:*")
+        return tarfile.open(path, mode=mode)
     except (tarfile.TarError, OSError) as exc:
-        raise LaVITError(f"{path}: not a tar file ({exc})") from None
+        raise LaVITError(f"{path}: not a tar file ({_reason(exc)})") from None
 
 
 def _groups(tar: tarfile.TarFile, path: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
@@ -40,7 +46,7 @@ def _groups(tar: tarfile.TarFile, path: str) -> Iterator[tuple[str, dict[str, ta
         try:
             info = tar.next()
         except (tarfile.TarError, OSError) as exc:
-            raise LaVITError(f"{path}: truncated or corrupt tar ({exc})") from None
+            raise LaVITError(f"{path}: truncated or corrupt tar ({_reason(exc)})") from None
         # tarfile keeps every header it has read; a shard has tens of thousands of them.
         tar.members = []
         if info is None:
@@ -85,7 +91,7 @@ def _read(tar: tarfile.TarFile, path: str, info: tarfile.TarInfo) -> bytes:
     try:
         return tar.extractfile(info).read()
     except (tarfile.TarError, OSError) as exc:
-        raise LaVITError(f"{path}: truncated or corrupt tar at {info.name} ({exc})") from None
+        raise LaVITError(f"{path}: truncated or corrupt tar at {info.name} ({_reason(exc)})") from None
 
 
 def _record(tar: tarfile.TarFile, path: str, key: str,
