@@ -28,7 +28,8 @@ STATE_FORMAT = "lavit-data-cursor"
 STATE_VERSION = 1
 
 # The fields that must agree between rank states before they can be merged.
-COMMON_FIELDS = ("format", "version", "seed", "shuffle_buffer", "shuffle_shards", "index", "world_size")
+COMMON_FIELDS = ("format", "version", "seed", "shuffle_buffer", "shuffle_shards", "index",
+                 "world_size")
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -158,7 +159,8 @@ def _check_format(state: dict, what: str) -> None:
         raise LaVITError(f"{what}: not a data cursor (no format {STATE_FORMAT!r})")
     if state.get("version") != STATE_VERSION:
         raise LaVITError(
-            f"{what}: data cursor version {state.get('version')} (this version reads {STATE_VERSION})"
+            f"{what}: data cursor version {state.get('version')} "
+            f"(this version reads {STATE_VERSION})"
         )
 
 
@@ -180,17 +182,21 @@ def merge_states(states: Sequence[dict]) -> dict:
     for state in states:
         _check_format(state, "merge_states")
         if "ranks" in state:
-            raise LaVITError("merge_states: give the states of the ranks, not an already merged one")
+            raise LaVITError("merge_states: give the ranks' own states, not a merged one")
     first = states[0]
     for state in states[1:]:
         for field in COMMON_FIELDS:
             if state[field] != first[field]:
-                raise LaVITError(f"merge_states: the ranks disagree on {field!r}; states of one run?")
+                raise LaVITError(
+                    f"merge_states: the ranks disagree on {field!r}; are they states of one run?"
+                )
     world = first["world_size"]
     by_rank = sorted(states, key=lambda s: s["rank"])
     if [s["rank"] for s in by_rank] != list(range(world)):
         got = sorted(s["rank"] for s in states)
-        raise LaVITError(f"merge_states: need one state for each rank 0..{world - 1}, got ranks {got}")
+        raise LaVITError(
+            f"merge_states: need one state for each rank 0..{world - 1}, got ranks {got}"
+        )
 
     lengths = first["index"]["lengths"]
     low = min(s["epoch"] for s in by_rank)

@@ -22,18 +22,19 @@ from .samples import TEXT_FIELDS, Record, record_from_fields
 _NOT_META = ("image", "key", *TEXT_FIELDS)
 
 
-def _parse(raw: bytes, path: str, line_no: int) -> dict:
+def _parse(raw: bytes, where: str) -> dict:
+    """One manifest line as a dict; `where` ("file, line 3") starts the error message."""
     try:
         value = json.loads(raw)
     except UnicodeDecodeError:
-        raise LaVITError(f"{path}, line {line_no}: not UTF-8 text; a manifest is JSONL") from None
+        raise LaVITError(f"{where}: not UTF-8 text; a manifest is JSONL") from None
     except json.JSONDecodeError as exc:
         raise LaVITError(
-            f"{path}, line {line_no}: not JSON ({exc.msg}); a manifest has one JSON object per line"
+            f"{where}: not JSON ({exc.msg}); a manifest has one JSON object per line"
         ) from None
     if not isinstance(value, dict):
         raise LaVITError(
-            f"{path}, line {line_no}: a JSON {type(value).__name__}, not an object; "
+            f"{where}: a JSON {type(value).__name__}, not an object; "
             "a manifest has one JSON object per line"
         )
     return value
@@ -47,7 +48,7 @@ def index_jsonl(path: str, lines_per_shard: int) -> list[tuple[int, int, int]]:
         with open(path, "rb") as lines:
             for line_no, raw in enumerate(lines, start=1):
                 if raw.strip():
-                    _parse(raw, path, line_no)
+                    _parse(raw, f"{path}, line {line_no}")
                     if count % lines_per_shard == 0:
                         shards.append([count, offset, 0])
                     shards[-1][2] += 1
@@ -72,8 +73,8 @@ def read_jsonl(path: str, offset: int, length: int, wanted: Iterator[int],
             if not raw.strip():
                 continue
             if index == target:
-                # The line number is unknown after a seek; the index pass already checked it.
-                fields = _parse(raw, path, f"~{index} of shard {shard_id}")
+                # The line number is unknown after a seek; the index pass checked the line.
+                fields = _parse(raw, f"{path}, sample {index} of shard {shard_id}")
                 yield index, _record(fields, folder, shard_id, index)
                 target = next(wanted, None)
                 if target is None:

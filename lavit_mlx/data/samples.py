@@ -72,7 +72,8 @@ def record_from_fields(fields: dict[str, Any], key: str, image: Union[str, bytes
                        image_name: str, meta: dict) -> Union[Record, str]:
     """A record from caption or VQA fields, or the reason it is unusable.
 
-    VQA if a "question" or "answer" is present (both are then needed), else caption.
+    VQA if a "question" or "answer" is present (both are then needed, a "text" is kept if
+    there is one), else caption.
     """
     if image is None or (isinstance(image, str) and not image):
         return MISSING_FIELD
@@ -88,6 +89,9 @@ def record_from_fields(fields: dict[str, Any], key: str, image: Union[str, bytes
         if not value.strip():
             return EMPTY_TEXT
         values[name] = value.strip()
+    text = fields.get("text")
+    if "text" not in values and isinstance(text, str) and text.strip():
+        values["text"] = text.strip()
     return Record(key=key, image=image, image_name=image_name, meta=meta, **values)
 
 

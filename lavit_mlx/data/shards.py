@@ -41,7 +41,8 @@ def expand_braces(pattern: str) -> list[str]:
     numeric = _NUMERIC_RANGE.fullmatch(body)
     if numeric:
         first, last = numeric.groups()
-        padded = any(len(n.lstrip("-")) > 1 and n.lstrip("-").startswith("0") for n in (first, last))
+        digits = [n.lstrip("-") for n in (first, last)]
+        padded = any(len(d) > 1 and d.startswith("0") for d in digits)
         width = max(len(first), len(last)) if padded else 0
         step = 1 if int(last) >= int(first) else -1
         items = [f"{n:0{width}d}" for n in range(int(first), int(last) + step, step)]
@@ -159,7 +160,10 @@ def build_index(files: ShardFiles, lines_per_shard: int) -> DataIndex:
     index = DataIndex(files=files.names, kinds=files.kinds, sizes=files.sizes(),
                       shard_file=[], starts=[], offsets=[], lengths=[])
     for number, (path, kind) in enumerate(zip(files.paths, files.kinds)):
-        pieces = index_jsonl(path, lines_per_shard) if kind == "jsonl" else [(0, 0, index_tar(path))]
+        if kind == "jsonl":
+            pieces = index_jsonl(path, lines_per_shard)
+        else:
+            pieces = [(0, 0, index_tar(path))]
         for start, offset, length in pieces:
             index.shard_file.append(number)
             index.starts.append(start)

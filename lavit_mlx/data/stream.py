@@ -40,6 +40,14 @@ def format_stats(stats: dict[str, int]) -> str:
 class DataStream:
     """Training samples from JSONL manifests and/or img2dataset tar shards.
 
+    Rank r of w reads every w-th shard of the epoch's shard order; with fewer shards than
+    ranks, every rank reads every shard and keeps every w-th sample of it (index modulo w).
+    Ranks' shares can differ by a shard, so ranks end an epoch at different times and go
+    on with the next one (`epoch` is per rank): leave `epochs` at None for data-parallel
+    training and count steps, so that no rank stops while the others wait for it. The
+    shard index (lengths, how manifests are cut) is counted on first use, or taken from a
+    loaded cursor.
+
     Args:
         sources: a path, brace pattern (``data/{00000..00009}.tar``) or glob, or a list.
         rank, world_size: this process's data-parallel rank and the number of ranks.
@@ -132,7 +140,9 @@ class DataStream:
     def _start(self) -> None:
         if self._plan is None:
             if self.epoch_length() == 0:
-                raise LaVITError(f"{self._files.paths[0]}: no samples in the data sources")
+                where = self._files.paths[0] if len(self._files.paths) == 1 else (
+                    f"{len(self._files.paths)} data files ({self._files.paths[0]}, ...)")
+                raise LaVITError(f"{where}: no samples to train on")
             self._begin_epoch(self._epoch)
 
     def _begin_epoch(self, epoch: int) -> None:

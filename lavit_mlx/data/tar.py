@@ -91,7 +91,9 @@ def _read(tar: tarfile.TarFile, path: str, info: tarfile.TarInfo) -> bytes:
     try:
         return tar.extractfile(info).read()
     except (tarfile.TarError, OSError) as exc:
-        raise LaVITError(f"{path}: truncated or corrupt tar at {info.name} ({_reason(exc)})") from None
+        raise LaVITError(
+            f"{path}: truncated or corrupt tar at {info.name} ({_reason(exc)})"
+        ) from None
 
 
 def _record(tar: tarfile.TarFile, path: str, key: str,

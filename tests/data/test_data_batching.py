@@ -41,7 +41,8 @@ def test_bucket_length():
     assert [bucket_length(n) for n in (1, 32, 33, 64, 65)] == [32, 32, 64, 64, 96]
     assert [bucket_length(n, multiple=8) for n in (0, 9)] == [8, 16]
     assert [bucket_length(n, lengths=[64, 16, 128]) for n in (3, 16, 17, 129)] == [16, 16, 64, 128]
-    assert bucket_length(40, max_length=50) == 50 and bucket_length(70, lengths=[64], max_length=32) == 32
+    assert bucket_length(40, max_length=50) == 50
+    assert bucket_length(70, lengths=[64], max_length=32) == 32
 
 
 def test_pad_batch_pads_to_a_bucket_and_truncates():

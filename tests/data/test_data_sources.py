@@ -30,7 +30,8 @@ def in_order(source, **options):
 def test_brace_patterns():
     assert expand_braces("d/{00000..00002}.tar") == ["d/00000.tar", "d/00001.tar", "d/00002.tar"]
     assert expand_braces("{8..10}") == ["8", "9", "10"]
-    assert expand_braces("{a,b}-{1..2}.jsonl") == ["a-1.jsonl", "a-2.jsonl", "b-1.jsonl", "b-2.jsonl"]
+    assert expand_braces("{a,b}-{1..2}.jsonl") == [
+        "a-1.jsonl", "a-2.jsonl", "b-1.jsonl", "b-2.jsonl"]
     assert expand_braces("odd{name}.tar") == ["odd{name}.tar"]
 
 
@@ -43,16 +44,18 @@ def test_caption_and_vqa_manifest_fields(tmp_path):
         {"image": "../img/a.png", "text": " a red square ", "num_objects": 2, "key": "k1"},
         "",  # blank lines are not samples
         {"image": str(absolute), "question": "What colour?", "answer": "blue", "split": "val"},
+        {"image": "../img/a.png", "question": "Shape?", "answer": "square", "text": "a caption"},
     ])
     samples, stream = in_order(manifest)
-    assert stream.epoch_length() == 2
-    caption, vqa = samples
+    assert stream.epoch_length() == 3
+    caption, vqa, both = samples
     assert (caption.key, caption.text, caption.meta) == ("k1", "a red square", {"num_objects": 2})
     assert caption.image.size == (5, 3) and caption.image.mode == "RGB"
     assert (caption.question, caption.answer) == (None, None)
     assert (vqa.question, vqa.answer, vqa.text, vqa.meta) == ("What colour?", "blue", None,
                                                               {"split": "val"})
     assert vqa.key == "train.jsonl@0/1" and (vqa.shard, vqa.index) == ("train.jsonl@0", 1)
+    assert (both.question, both.answer, both.text) == ("Shape?", "square", "a caption")
 
 
 def test_tar_shards_in_img2dataset_layout(tar_shards):
@@ -150,6 +153,12 @@ def test_non_tar_and_empty_data_are_one_line_errors(tmp_path):
     with pytest.raises(LaVITError) as excinfo:
         DataStream(fake).epoch_length()
     one_line_error(excinfo, str(fake), "not a tar file")
+    whole = img2dataset_shard(tmp_path / "cut", 0, 5).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(LaVITError) as excinfo:
+        DataStream(cut).epoch_length()
+    one_line_error(excinfo, str(cut), "truncated or corrupt tar")
     empty = write_manifest(tmp_path, [], name="empty.jsonl")
     with pytest.raises(LaVITError) as excinfo:
         next(iter(DataStream(empty)))

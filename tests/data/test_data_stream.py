@@ -125,7 +125,8 @@ def test_memory_stays_bounded_on_a_long_manifest(tmp_path, monkeypatch):
 
 def test_tar_and_manifest_mixed(tmp_path):
     manifest = caption_manifest(tmp_path / "m", 5)
-    shard = write_tar(tmp_path / "t" / "x.tar", [("k.jpg", image_bytes(1, "JPEG")), ("k.txt", b"t")])
+    shard = write_tar(tmp_path / "t" / "x.tar",
+                      [("k.jpg", image_bytes(1, "JPEG")), ("k.txt", b"t")])
     stream = DataStream([manifest, shard], epochs=1)
     assert sorted(stream.shard_ids) == ["m/train.jsonl@0", "t/x.tar"]
     assert len(list(stream)) == 6
