@@ -141,17 +141,17 @@ class DataIndex:
                    lengths=list(state["lengths"]))
 
     def check_files(self, files: ShardFiles) -> None:
-        """Refuse to apply this (checkpointed) index to other or changed files."""
+        """Refuse to apply this (saved) index to other or changed files."""
         if files.names != self.files:
             raise LaVITError(
                 f"the data sources ({len(files.names)} files, first {files.names[0]}) are not "
-                f"the checkpoint's ({len(self.files)} files, first {self.files[0]})"
+                f"the indexed ones ({len(self.files)} files, first {self.files[0]})"
             )
-        for name, path, size in zip(self.files, files.paths, self.sizes):
+        for path, size in zip(files.paths, self.sizes):
             if os.path.getsize(path) != size:
                 raise LaVITError(
-                    f"{path}: changed since the checkpoint ({size} bytes then, "
-                    f"{os.path.getsize(path)} now); its data cursor no longer applies"
+                    f"{path}: changed since it was indexed or checkpointed ({size} bytes then, "
+                    f"{os.path.getsize(path)} now); its index and data cursor no longer apply"
                 )
 
 

@@ -61,6 +61,8 @@ class DataStream:
             (None skips the sample, an `ImageError` counts it as a bad image).
         load_images: decode images (False: `Sample.image` is None and image files are not
             opened, e.g. for text-only stages or to count a data set).
+        index: a shard index saved from `index_state()` (e.g. counted by rank 0 and sent to
+            the others, or cached in a file), so that this rank does not count it again.
     """
 
     def __init__(self, sources: Union[Source, Sequence[Source]], *, rank: int = 0,
@@ -68,7 +70,7 @@ class DataStream:
                  shuffle_shards: bool = True, lines_per_shard: int = 1000,
                  epochs: Optional[int] = None,
                  transform: Optional[Callable[[Sample], Any]] = None,
-                 load_images: bool = True):
+                 load_images: bool = True, index: Optional[dict] = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise LaVITError(f"rank {rank} is not one of world_size {world_size} ranks")
         if shuffle_buffer < 1 or lines_per_shard < 1 or (epochs is not None and epochs < 1):
@@ -79,6 +81,9 @@ class DataStream:
         self.load_images = load_images
         self._files = find_files(sources)  # stats only; the index pass waits for first use
         self._index: Optional[DataIndex] = None
+        if index is not None:
+            self._index = DataIndex.from_state(index)
+            self._index.check_files(self._files)
         self._epoch = 0
         self._plan: Optional[deque] = None  # None: not started
         self._reader: Optional[Iterator] = None
@@ -97,6 +102,10 @@ class DataStream:
         if self._index is None:
             self._index = build_index(self._files, self.lines_per_shard)
         return self._index
+
+    def index_state(self) -> dict:
+        """The shard index (JSON), for another rank's or a later run's `index=` argument."""
+        return self.index.to_state()
 
     @property
     def shard_ids(self) -> list[str]:

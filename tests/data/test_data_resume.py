@@ -128,6 +128,6 @@ def test_cursor_mismatches_are_one_line_errors(tmp_path):
     merged = merge_states(states)
     with open(manifest, "a") as out:
         out.write(json.dumps({"image": "images/00000.png", "text": "appended"}) + "\n")
-    with pytest.raises(LaVITError, match="changed since the checkpoint") as excinfo:
+    with pytest.raises(LaVITError, match="changed since it was indexed or checkpointed") as excinfo:
         streams(manifest, 2, {"lines_per_shard": 5})[0].load_state_dict(merged)
     assert "\n" not in str(excinfo.value)

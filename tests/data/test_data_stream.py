@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -121,6 +122,18 @@ def test_memory_stays_bounded_on_a_long_manifest(tmp_path, monkeypatch):
         most_held = max(most_held, read["records"] - delivered)
     assert delivered == 20_000 and read["records"] == 20_000
     assert most_held <= buffer
+
+
+def test_a_saved_index_is_not_counted_again(manifest, monkeypatch):
+    counted = DataStream(manifest, lines_per_shard=10, epochs=1)
+    saved = json.loads(json.dumps(counted.index_state()))
+    monkeypatch.setattr(stream_module, "build_index", lambda *a: pytest.fail("indexed again"))
+    reused = DataStream(manifest, lines_per_shard=10, epochs=1, index=saved)
+    assert ids(reused) == ids(counted)
+    with open(manifest, "a") as out:
+        out.write("{}\n")
+    with pytest.raises(LaVITError, match="changed since it was indexed"):
+        DataStream(manifest, index=saved)
 
 
 def test_tar_and_manifest_mixed(tmp_path):
