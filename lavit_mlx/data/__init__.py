@@ -6,12 +6,16 @@ and a per-epoch shard order, split across data-parallel ranks by shard (or withi
 when there are fewer shards than ranks), and resumable from a per-shard cursor that is
 exact on the same number of ranks and loses or repeats nothing on another.
 
-    stream = DataStream("data/{00000..00009}.tar", rank=rank, world_size=world, seed=0)
-    if checkpoint: stream.load_state_dict(checkpoint["data"])
-    for batch in batches(stream, 8, drop_last=True):
+    stream = DataStream("data/{00000..00009}.tar", rank=rank, world_size=world, seed=0,
+                        transform=to_model_inputs)
+    if checkpoint:
+        stream.load_state_dict(checkpoint["data"])
+    for step, batch in enumerate(batches(stream, 8, drop_last=True)):
         ...
-        states = all_gather(stream.state_dict())     # every rank's
-        if rank == 0: save({"data": merge_states(states), ...})
+        if step % save_every == 0:
+            states = all_gather(stream.state_dict())   # every rank's, e.g. as JSON strings
+            if rank == 0:
+                save({"data": merge_states(states), ...})
 
 Importing this package imports neither mlx nor torch (`tuner` imports mlx when used).
 """

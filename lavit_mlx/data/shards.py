@@ -128,7 +128,7 @@ class DataIndex:
     def to_state(self) -> dict:
         return {
             "files": [[n, k, s] for n, k, s in zip(self.files, self.kinds, self.sizes)],
-            "lengths": self.lengths,
+            "lengths": list(self.lengths),
             "shards": [[f, s, o] for f, s, o in zip(self.shard_file, self.starts, self.offsets)],
         }
 

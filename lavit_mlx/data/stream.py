@@ -79,7 +79,7 @@ class DataStream:
         self.shuffle_buffer, self.shuffle_shards = shuffle_buffer, shuffle_shards
         self.lines_per_shard, self.epochs, self.transform = lines_per_shard, epochs, transform
         self.load_images = load_images
-        self._files = find_files(sources)  # stats only; the index pass waits for first use
+        self._files = find_files(sources)  # os.stat only; the index pass waits for first use
         self._index: Optional[DataIndex] = None
         if index is not None:
             self._index = DataIndex.from_state(index)
@@ -119,7 +119,7 @@ class DataStream:
 
     @property
     def epoch(self) -> int:
-        """The epoch the next sample comes from (0-based)."""
+        """The epoch (0-based) of the sample handed out last; it moves on with the next one."""
         return self._epoch
 
     @property
