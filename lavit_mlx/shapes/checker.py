@@ -31,12 +31,13 @@ CANDIDATE_DISTANCE = 60.0
 # Regions smaller than this (in 224x224 pixels) are speckles; the smallest object, a
 # 40 px triangle, covers ~800.
 MIN_AREA = 150
-# The shape prototypes, (fill, log taper), and the scale that makes the two features
-# comparable: fills differ by ~0.2 between prototypes, log tapers by ~1.6.
 # A pixel whose colour strays from the background-to-object line by more than this
 # fraction of its distance along the line belongs to something else.
 OFF_COLOUR = 0.35
+# Objects that touch share a region; at most this many are read out of one.
 MAX_OBJECTS_PER_REGION = 3
+# The shape prototypes, (fill, log taper), and the scale that makes the two features
+# comparable: fills differ by ~0.2 between prototypes, log tapers by ~1.6.
 _PROTOTYPES = {"square": (1.0, 0.0), "circle": (np.pi / 4, 0.0), "triangle": (0.5, np.log(0.2))}
 _FEATURE_SCALE = (0.1, 0.5)
 
@@ -76,8 +77,10 @@ def read_scene(image) -> List[DetectedObject]:
     pixels = _canvas_pixels(image)
     background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
     smooth = _box_mean(pixels)
-    distance = np.linalg.norm(smooth - background, axis=-1)
-    labels, _ = _label(distance > CANDIDATE_DISTANCE)
+    offset = smooth - background
+    # squared distances throughout: the same order, and no square root over the canvas
+    contrast = offset[..., 0] ** 2 + offset[..., 1] ** 2 + offset[..., 2] ** 2
+    labels, _ = _label(contrast > CANDIDATE_DISTANCE**2)
     ys, xs = np.nonzero(labels)
     order = np.argsort(labels[ys, xs], kind="stable")
     ys, xs = ys[order], xs[order]
@@ -90,7 +93,7 @@ def read_scene(image) -> List[DetectedObject]:
         for _ in range(MAX_OBJECTS_PER_REGION):
             if len(region_ys) < MIN_AREA:
                 break
-            detected, claimed = _describe(smooth, distance, region_ys, region_xs, background)
+            detected, claimed = _describe(smooth, contrast, region_ys, region_xs, background)
             if detected is None:
                 break
             found.append(detected)
@@ -100,9 +103,9 @@ def read_scene(image) -> List[DetectedObject]:
 
 def _canvas_pixels(image) -> np.ndarray:
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise LaVITError(f"expected an (H, W, 3) image array, got shape {image.shape}")
-        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise LaVITError(f"expected an (H, W, 3) uint8 image array, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise LaVITError(f"expected a PIL image or an array, got {type(image).__name__}")
     image = image.convert("RGB")
@@ -114,9 +117,8 @@ def _canvas_pixels(image) -> np.ndarray:
 def _box_mean(pixels: np.ndarray) -> np.ndarray:
     """3x3 mean (edges replicated): cuts per-pixel noise by 3 and moves straight edges not at all."""
     padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    h, w = pixels.shape[:2]
-    total = sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3))
-    return total / 9.0
+    rows = padded[:-2] + padded[1:-1] + padded[2:]  # (H, W + 2, 3)
+    return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 9.0
 
 
 def _label(mask: np.ndarray) -> Tuple[np.ndarray, int]:
@@ -141,22 +143,30 @@ def _label(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     touching = mask[:-1] & mask[1:]
     # One int per (upper run, lower run) pair, so the de-duplication is a 1-D unique.
     pairs = np.unique(run_id[:-1][touching].astype(np.int64) * (runs + 1) + run_id[1:][touching])
-    for upper, lower in zip(*divmod(pairs, runs + 1)):
-        a, b = root(upper), root(lower)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    roots = np.array([root(i) for i in range(runs + 1)])
-    kept, component = np.unique(roots, return_inverse=True)  # run 0 (background) keeps label 0
+    for pair in pairs.tolist():
+        a, b = root(pair // (runs + 1)), root(pair % (runs + 1))
+        if a < b:
+            parent[b] = a
+        elif b < a:
+            parent[a] = b
+    parent = np.array(parent)
+    # Pointer jumping: every run ends up pointing at its tree's root.
+    while True:
+        jumped = parent[parent]
+        if np.array_equal(jumped, parent):
+            break
+        parent = jumped
+    kept, component = np.unique(parent, return_inverse=True)  # run 0 (background) keeps label 0
     return component[run_id], len(kept) - 1
 
 
-def _describe(smooth, distance, ys, xs, background) -> Tuple[Optional[DetectedObject], np.ndarray]:
+def _describe(smooth, contrast, ys, xs, background) -> Tuple[Optional[DetectedObject], np.ndarray]:
     """The object most contrasted among the region's pixels (ys, xs), or None if too little
     of it is solid; and which of the pixels it explains."""
     # The colour is read from the region's core (its pixels farthest from the background),
     # away from anti-aliased, blurred or JPEG-bled edges.
-    region_rgb, region_distance = smooth[ys, xs], distance[ys, xs]
-    core = region_distance >= np.percentile(region_distance, 60)
+    region_rgb, region_contrast = smooth[ys, xs], contrast[ys, xs]
+    core = region_contrast >= np.percentile(region_contrast, 60)
     colour_rgb = np.median(region_rgb[core], axis=0)
     # A pixel is of this object's colour when it lies near the line from the background to
     # that colour (any blend of the two); another colour, touching it, does not.
@@ -164,7 +174,7 @@ def _describe(smooth, distance, ys, xs, background) -> Tuple[Optional[DetectedOb
     length = max(float(np.linalg.norm(direction)), 1e-6)
     offset = region_rgb - background
     along = offset @ direction / length**2
-    across = np.linalg.norm(offset - along[:, None] * direction, axis=-1) / length
+    across = np.sqrt(((offset - along[:, None] * direction) ** 2).sum(axis=-1)) / length
     on_line = across <= OFF_COLOUR * np.maximum(along, 0.0)
     # The object is cut where pixels are half-way from the background to its colour, which
     # is where the true edge lies under any symmetric blur; what the cut leaves detached
@@ -198,22 +208,38 @@ def _measure(ys, xs, colour_rgb, background) -> DetectedObject:
 
 
 def _solid_part(ys: np.ndarray, xs: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The largest 4-connected part of a pixel set, its holes filled (a speckle inside a
-    shape does not change what shape it is): its pixels and its mask over their bbox."""
+    """The largest 4-connected part of a pixel set (in row-major order), its holes filled
+    (a speckle inside a shape does not change what shape it is): its pixels and its mask
+    over their bbox."""
     if len(ys) == 0:
         return ys, xs, np.zeros((0, 0), dtype=bool)
     y0, x0 = ys.min() - 1, xs.min() - 1
     # A one-pixel frame around the part, so that all outside pixels connect to the edge.
     mask = np.zeros((ys.max() - y0 + 2, xs.max() - x0 + 2), dtype=bool)
     mask[ys - y0, xs - x0] = True
-    labels, count = _label(mask)
-    if count > 1:
-        mask = labels == np.argmax(np.bincount(labels[ys - y0, xs - x0]))
-    outside, _ = _label(~mask)
-    mask |= outside != outside[0, 0]
-    part_ys, part_xs = np.nonzero(mask)
-    top, left = part_ys.min(), part_xs.min()
-    return part_ys + y0, part_xs + x0, mask[top:part_ys.max() + 1, left:part_xs.max() + 1]
+    if not _is_one_solid_run_per_row(ys, xs):
+        labels, count = _label(mask)
+        if count > 1:
+            mask = labels == np.argmax(np.bincount(labels[ys - y0, xs - x0]))
+        outside, _ = _label(~mask)
+        mask |= outside != outside[0, 0]
+        ys, xs = np.nonzero(mask)
+        ys, xs = ys + y0, xs + x0
+    top, left = ys.min() - y0, xs.min() - x0
+    return ys, xs, mask[top:ys.max() - y0 + 1, left:xs.max() - x0 + 1]
+
+
+def _is_one_solid_run_per_row(ys: np.ndarray, xs: np.ndarray) -> bool:
+    """Whether a row-major pixel set is one run per row on consecutive, overlapping rows:
+    then it is connected and has no holes (the case of every clean shape), and needs no
+    labelling."""
+    rows, first, count = np.unique(ys, return_index=True, return_counts=True)
+    if rows[-1] - rows[0] + 1 != len(rows):
+        return False
+    left, right = xs[first], xs[first + count - 1]
+    if not np.array_equal(right - left + 1, count):
+        return False
+    return bool(np.all((left[1:] <= right[:-1]) & (left[:-1] <= right[1:])))
 
 
 def _nearest_shape(fill: float, taper: float) -> str:
@@ -269,16 +295,23 @@ def score_caption(predicted_text: str, scene: Scene) -> CaptionScore:
     """Score a caption against the scene it should describe (see `CaptionScore`)."""
     truth = [(o.colour, o.shape, o.place) for o in scene.objects]
     mentions = parse_caption(predicted_text)
-    padded = mentions + [None] * max(len(truth) - len(mentions), 0)
-    best = (0, (0, 0, 0))
-    for chosen in itertools.permutations(padded, len(truth)):
-        hits = tuple(sum(m is not None and m[k] == t[k] for m, t in zip(chosen, truth)) for k in range(3))
-        if sum(hits) > best[0]:
-            best = (sum(hits), hits)
+
+    def hits(mention, target) -> Tuple[int, int, int]:
+        return tuple(int(mention is not None and mention[k] == target[k]) for k in range(3))
+
+    # An optimal one-to-one matching only ever uses each object's len(truth) best mentions,
+    # so a rambling prediction costs no more than a short one.
+    candidates = set()
+    for target in truth:
+        ranked = sorted(range(len(mentions)), key=lambda i: -sum(hits(mentions[i], target)))
+        candidates.update(ranked[:len(truth)])
+    pool = [mentions[i] for i in sorted(candidates)] + [None] * len(truth)
+    best = max((tuple(map(sum, zip(*(hits(m, t) for m, t in zip(chosen, truth)))))
+                for chosen in itertools.permutations(pool, len(truth))), key=sum)
     n = len(truth)
     return CaptionScore(
         correct=sorted(mentions) == sorted(truth),
-        colour=best[1][0] / n, shape=best[1][1] / n, place=best[1][2] / n,
+        colour=best[0] / n, shape=best[1] / n, place=best[2] / n,
         mentions=len(mentions), objects=n,
     )
 

@@ -126,8 +126,8 @@ class Scene:
 
 
 def cell_centre(row: int, col: int) -> Tuple[float, float]:
-    """The pixel centre (x, y) of a cell, rounded to whole pixels as `sample_scene` places boxes."""
-    return (float(round((col + 0.5) * CELL)), float(round((row + 0.5) * CELL)))
+    """The centre (x, y) of a cell in pixels (a third of 224 is not whole: 37.33, 112, 186.67)."""
+    return ((col + 0.5) * CELL, (row + 0.5) * CELL)
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
@@ -163,8 +163,9 @@ def render(scene: Scene) -> Image.Image:
     canvas = Image.new("RGB", (CANVAS * scale, CANVAS * scale), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for obj in scene.objects:
-        x0, y0, x1, y1 = (v * scale for v in obj.box)
-        # Pillow fills both end pixels of a box; the box's far edge is exclusive here.
+        # Boxes snap to the supersampled grid (within 1/8 px); Pillow fills both end pixels
+        # of a box, and the box's far edge is exclusive here.
+        x0, y0, x1, y1 = (round(v * scale) for v in obj.box)
         x1, y1 = x1 - 1, y1 - 1
         colour = COLOURS[obj.colour]
         if obj.shape == "circle":
