@@ -34,6 +34,8 @@ MIN_AREA = 150
 # A pixel whose colour strays from the background-to-object line by more than this
 # fraction of its distance along the line belongs to something else.
 OFF_COLOUR = 0.35
+# The darkest channel of a background still taken as white light, for colour balance.
+LIGHT_BACKGROUND = 160.0
 # Objects that touch share a region; at most this many are read out of one.
 MAX_OBJECTS_PER_REGION = 3
 # The shape prototypes, (fill, log taper), and the scale that makes the two features
@@ -267,9 +269,12 @@ _PALETTE_LAB = _lab(np.array([COLOURS[name] for name in _PALETTE_NAMES]))
 
 
 def nearest_colour(rgb, background=(255, 255, 255)) -> str:
-    """The palette name nearest to `rgb` in CIELAB, after scaling the background to white
-    (an off-white or tinted picture is read as if it had been lit white)."""
-    balanced = np.clip(np.asarray(rgb, dtype=np.float64) * 255.0 / np.maximum(background, 1.0), 0, 255)
+    """The palette name nearest to `rgb` in CIELAB, after scaling a light background to white
+    (an off-white or tinted picture is read as if it had been lit white; a dark background
+    says nothing about the light, and is left alone)."""
+    rgb, background = np.asarray(rgb, dtype=np.float64), np.asarray(background, dtype=np.float64)
+    white = background if background.min() >= LIGHT_BACKGROUND else np.full(3, 255.0)
+    balanced = np.clip(rgb * 255.0 / white, 0, 255)
     distances = np.linalg.norm(_PALETTE_LAB - _lab(balanced), axis=-1)
     return _PALETTE_NAMES[int(np.argmin(distances))]
 
@@ -377,7 +382,7 @@ def score_image(image, scene: Scene) -> ImageScore:
     unused = list(detected)
     found = shapes_right = 0
     for obj in scene.objects:
-        candidates = [d for d in unused if d.cell == (obj.row, obj.col) and d.colour == obj.colour]
+        candidates = [d for d in unused if d.cell == obj.cell and d.colour == obj.colour]
         if not candidates:
             continue
         match = next((d for d in candidates if d.shape == obj.shape), candidates[0])

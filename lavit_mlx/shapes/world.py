@@ -89,12 +89,12 @@ class ShapeObject:
             raise LaVITError(f"cell ({self.row}, {self.col}) is outside the {GRID}x{GRID} grid")
 
     @property
-    def cell(self) -> int:
-        return self.row * GRID + self.col
+    def cell(self) -> Tuple[int, int]:
+        return (self.row, self.col)
 
     @property
     def place(self) -> str:
-        return PLACES[self.cell]
+        return PLACES[self.row * GRID + self.col]
 
     @property
     def box(self) -> Tuple[float, float, float, float]:
