@@ -40,10 +40,16 @@ def test_official_tiny(official_tiny):
     assert len(status) >= 31 and set(status.values()) == {"ok"}, proc.stdout
     for key in TOKENIZER_KEYS:
         assert status.get(key) == "ok", f"{key}: {status.get(key)}\n{proc.stdout}"
-    # every line has the documented format
+    # every line has the documented format; inputs are marked and counted apart
+    inputs = {"llm_generation_input_ids", "unet_latents", "lowres_unet_mask", "highres_time_ids"}
     for line in proc.stdout.splitlines():
-        if not line.startswith("#"):
+        if line.startswith("#"):
+            continue
+        if line.split()[0] in inputs:
+            assert " ok input  # used as given, not compared" in line, line
+        else:
             assert " max_abs=" in line and " max_rel=" in line, line
+    assert proc.stdout.strip().splitlines()[-1].startswith("# 31 ok (27 compared, 4 inputs used as given), 0 FAIL")
 
 
 def test_skip_needs_allow_skip(official_tiny):
