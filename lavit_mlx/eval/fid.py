@@ -10,6 +10,11 @@ unpickles it without that guard. torch is imported only inside these functions.
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import types
 from pathlib import Path
 from typing import Iterator, List, Sequence, Tuple, Union
 
@@ -42,15 +47,53 @@ def list_images(source: ImageSet) -> List[Path]:
     return [Path(path) for path in source]
 
 
+def _load_inception_module() -> None:
+    """Import torch-fidelity's Inception module, with or without torchvision.
+
+    torch-fidelity's package __init__ imports its CLIP/VGG/DINOv2 extractors, which need
+    torchvision (on Linux, PyPI's torchvision is a CUDA build that cannot load with a CPU
+    torch); FID uses only the Inception module, which needs torch alone. When the package
+    does not import for want of torchvision, its Inception module is loaded without the
+    package __init__. This has to happen before torchmetrics, which imports it at import.
+    """
+    if "torch_fidelity.feature_extractor_inceptionv3" in sys.modules:
+        return
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        raise MissingDependencyError(INSTALL_HINT)
+    try:
+        importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+        return
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "torchvision":
+            raise MissingDependencyError(f"{INSTALL_HINT} (torch-fidelity does not import: {exc})") from None
+    except Exception:  # a torchvision that is installed but cannot load (torchmetrics then says so)
+        pass
+    for name in [name for name in sys.modules if name.split(".")[0] == "torch_fidelity"]:
+        del sys.modules[name]
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = importlib.machinery.ModuleSpec("torch_fidelity", None, is_package=True)
+    package.__spec__.submodule_search_locations = package.__path__
+    sys.modules["torch_fidelity"] = package
+    importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+
+
 def _require_fid():
     try:
         import torch
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
     except ImportError:
         raise MissingDependencyError(INSTALL_HINT) from None
-    if not _TORCH_FIDELITY_AVAILABLE:
-        raise MissingDependencyError(INSTALL_HINT)
+    _load_inception_module()
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise MissingDependencyError(INSTALL_HINT) from None
+    except Exception as exc:  # torchmetrics imports torchvision when installed; a build for another torch fails
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MissingDependencyError(
+            f"torchmetrics does not import ({detail}): install the torchvision build of your torch, or remove it"
+        ) from None
     return torch, FrechetInceptionDistance
 
 
@@ -103,6 +146,10 @@ def frechet_inception_distance(real: ImageSet, generated: ImageSet, inception_we
     """
     if feature not in FEATURE_SIZES:
         raise LaVITError(f"FID feature must be one of {', '.join(map(str, FEATURE_SIZES))}, not {feature}")
+    if inception_weights is None:
+        raise LaVITError(WEIGHTS_HINT)
+    if not Path(inception_weights).expanduser().is_file():
+        raise LaVITError(f"Inception weights {inception_weights}: no such file; {WEIGHTS_HINT}")
     torch, FrechetInceptionDistance = _require_fid()
     weights = _check_weights(torch, inception_weights)
     sets = {"real": list_images(real), "generated": list_images(generated)}
