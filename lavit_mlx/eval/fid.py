@@ -150,12 +150,12 @@ def frechet_inception_distance(real: ImageSet, generated: ImageSet, inception_we
         raise LaVITError(WEIGHTS_HINT)
     if not Path(inception_weights).expanduser().is_file():
         raise LaVITError(f"Inception weights {inception_weights}: no such file; {WEIGHTS_HINT}")
-    torch, FrechetInceptionDistance = _require_fid()
-    weights = _check_weights(torch, inception_weights)
     sets = {"real": list_images(real), "generated": list_images(generated)}
     for name, paths in sets.items():
         if len(paths) < 2:
             raise LaVITError(f"FID needs at least 2 {name} images, got {len(paths)}")
+    torch, FrechetInceptionDistance = _require_fid()
+    weights = _check_weights(torch, inception_weights)
     metric = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=str(weights),
                                       antialias=antialias).to(device)
     with torch.no_grad():

@@ -131,11 +131,13 @@ def save_histogram(num_tokens: Sequence[int], path: Union[str, Path], num_patche
         by_value: Dict[Any, List[int]] = defaultdict(list)
         for value, count in zip(groups, num_tokens):
             by_value[value].append(count)
-        for value in sorted(by_value, key=str):
+        for value in sorted(by_value, key=lambda value: _label_order(str(value))):
             axes.hist(by_value[value], bins=bins, alpha=0.5, label=str(value))
-        axes.legend(fontsize="small")
     if rho is not None:
-        axes.axvline(rho * num_patches, color="black", linestyle="--", linewidth=1)
+        axes.axvline(rho * num_patches, color="black", linestyle="--", linewidth=1,
+                     label=f"rho x {num_patches} = {rho * num_patches:.0f}")
+    if groups is not None or rho is not None:
+        axes.legend(fontsize="small")
     axes.set_xlim(-0.5, num_patches + 0.5)
     axes.set_xlabel("visual tokens per image")
     axes.set_ylabel("images")
