@@ -79,7 +79,7 @@ def ptb_tokenize(captions: Sequence[str]) -> List[str]:
     if not jar.is_file():
         raise LaVITError(f"pycocoevalcap has no {jar.name} (reinstall it: pip install 'lavit-mlx[eval]')")
     java = shutil.which("java")
-    if java is None or not java_available():
+    if java is None:
         raise LaVITError(JAVA_HINT)
     # stdin instead of coco-caption's temporary file inside site-packages (may be read-only);
     # UTF-8 explicitly, since Java otherwise decodes with the locale's charset.
@@ -182,8 +182,9 @@ def _check_pairs(references: Mapping[Hashable, Sequence[str]],
             raise LaVITError(f"references of {key!r} must be a non-empty list of strings")
         prediction = predictions[key]
         if not isinstance(prediction, str):
-            if len(prediction) != 1 or not isinstance(prediction[0], str):
-                raise LaVITError(f"prediction of {key!r} must be one string, got {len(prediction)} items")
+            if not isinstance(prediction, (list, tuple)) or len(prediction) != 1 or not isinstance(prediction[0], str):
+                found = f"{len(prediction)} items" if isinstance(prediction, (list, tuple)) else type(prediction).__name__
+                raise LaVITError(f"prediction of {key!r} must be one string, got {found}")
             prediction = prediction[0]
         single[key] = prediction
     return single

@@ -1,7 +1,7 @@
 """FID between two image sets: torchmetrics' FrechetInceptionDistance (extra `[fid]`).
 
-torchmetrics runs torch-fidelity's port of the TensorFlow Inception-v3 (the network of the
-original FID code, and of the paper's MS-COCO FID) and accumulates feature means and
+torchmetrics runs torch-fidelity's port of the TensorFlow Inception-v3 of the original FID
+code (Heusel et al. 2017, the network behind published FIDs) and accumulates feature means and
 covariances in float64. Nothing is downloaded: the user passes the Inception weights file
 (`--inception-weights PATH`, torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`),
 which is first checked with `torch.load(weights_only=True)` since torch-fidelity itself
