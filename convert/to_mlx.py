@@ -230,9 +230,10 @@ def _vision_plan(ckpt: Checkpoint, name: str, heads: Optional[int], bits: Option
         return _Plan(name, module, sources, known_extra=extra, quant_bits=bits), config
     source = LazyTensors(ckpt.file(name))
     if name == "eva":
-        source = SanitizedTensors(source, EVAVisionTransformer.sanitize)
-        config = EVAConfig.from_shapes(source.shapes, heads, str(source.path))
-        return _Plan(name, EVAVisionTransformer(config), [source], quant_bits=bits), config
+        config = EVAConfig.from_shapes(source.shapes, heads)
+        module = build_component("eva", LaVITConfig(vision=config), str(source.path))
+        source = SanitizedTensors(source, module.sanitize)
+        return _Plan(name, module, [source], quant_bits=bits), config
     if name == "tokenizer":
         config = TokenizerConfig.from_shapes(source.shapes, heads, str(source.path))
         module = DynamicVisualTokenizer(config, quantizer=True)

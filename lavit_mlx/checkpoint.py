@@ -15,7 +15,9 @@
    `config.json` with `"format": "lavit-mlx"`, one safetensors file (or shards) per
    component in MLX layout, an mlx-lm `language_model/`, and a checksummed manifest.
 
-This module only names files and reads them; building modules is `lavit.py`'s job.
+This module only names files, reads them and describes them (`config()`: the nested
+`LaVITConfig`, stored in an MLX folder, inferred once from tensor shapes for the
+released layout); building modules is `loading.py`'s job.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
+from .config import EVAConfig, LaVITConfig, LLMConfig, PixelConfig, TokenIds, TokenizerConfig, VQDecoderConfig
 from .errors import CheckpointError
 from .layout import KNOWN_EXTRAS, MLX_FORMAT, PURPOSE, RELEASE_FILES, RELEASE_FOLDERS
-from .weights import Weights, read_sharded, read_weights
+from .weights import Weights, read_json, read_sharded, read_weights
 
 
 def sha256(path: Path, chunk: int = 16 * 2**20) -> str:
@@ -47,7 +50,56 @@ class Checkpoint:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.config: dict = {}
+        self.stored: dict = {}  # an MLX folder's config.json
+
+    def config(self, vision_heads: Optional[int] = None) -> LaVITConfig:
+        """The nested config, inferred from tensor shapes and the folders' own configs.
+
+        Head counts cannot be read from shapes: `vision_heads`, or the release's 16 at the
+        release's width, or unknown (building that component then asks for it).
+        """
+        config = LaVITConfig()
+        try:
+            if self.has("eva"):
+                config.vision = EVAConfig.from_shapes(_from_torch_layout(self.shapes("eva")), vision_heads)
+            if self.has("tokenizer"):
+                config.tokenizer = TokenizerConfig.from_shapes(self.shapes("tokenizer"), vision_heads)
+            if self.has("understanding"):
+                overlay = self.shapes("understanding")
+                if "vit_proj.weight" in overlay:
+                    config.understanding_dim = overlay["vit_proj.weight"][0]
+                if config.tokenizer is None:
+                    config.tokenizer = TokenizerConfig.from_shapes(overlay, vision_heads)
+            for name in ("lowres_decoder", "highres_decoder"):
+                if self.has(name):
+                    setattr(config, name, VQDecoderConfig.from_shapes(self.shapes(name), vision_heads))
+        except KeyError as exc:
+            raise CheckpointError(f"{self.path}: a vision weight file lacks key {exc}") from None
+        if self.has("llm") and (self.folder("llm") / "config.json").is_file():
+            config.llm = LLMConfig.from_hf(read_json(self.folder("llm") / "config.json"),
+                                           str(self.folder("llm") / "config.json"))
+        for name in ("highres_pixel", "lowres_pixel"):
+            if self.has(name):
+                setattr(config, name, self.pixel_config(name))
+        codebook = config.tokenizer.codebook_size if config.tokenizer else TokenIds.codebook_size
+        if config.llm is not None:
+            try:
+                config.token_ids = TokenIds.for_vocab(config.llm.vocab_size, codebook)
+            except ValueError as exc:
+                raise CheckpointError(f"{self.folder('llm') / 'config.json'}: {exc}") from None
+        else:
+            config.token_ids = TokenIds(codebook_size=codebook)
+        return config
+
+    def pixel_config(self, component: str) -> PixelConfig:
+        folder = self.folder(component)
+        parts = {}
+        for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+            path = folder / sub / name
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {self.path} is missing {path.relative_to(self.path)}")
+            parts[sub] = read_json(path)
+        return PixelConfig(**parts)
 
     @staticmethod
     def open(path) -> "Checkpoint":
@@ -104,7 +156,7 @@ class Checkpoint:
 
     def shapes(self, component: str) -> dict:
         """{key: shape} of a component's tensors, without reading the tensors."""
-        from lavit_convert.torch_io import LazyTensors
+        from .torch_pickle import LazyTensors
 
         source = LazyTensors(self.file(component))
         try:
@@ -156,15 +208,23 @@ class MLXCheckpoint(Checkpoint):
         if not config_path.is_file():
             raise CheckpointError(f"{self.path}: the MLX folder has no config.json (convert the checkpoint again)")
         try:
-            self.config = json.loads(config_path.read_text())
+            self.stored = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{config_path}: unreadable ({exc})") from None
-        version = self.config.get("format_version")
-        if version != MLX_FORMAT["version"]:
+        version = self.stored.get("format_version")
+        if version not in MLX_FORMAT["readable_versions"]:
             raise CheckpointError(
-                f"{config_path}: MLX folder format version {version!r}; this lavit-mlx reads version "
-                f"{MLX_FORMAT['version']} (convert the checkpoint again)"
+                f"{config_path}: MLX folder format version {version!r}; this lavit-mlx reads versions "
+                f"{', '.join(map(str, MLX_FORMAT['readable_versions']))} (convert the checkpoint again)"
             )
+
+    def config(self, vision_heads: Optional[int] = None) -> LaVITConfig:
+        """The stored config (format 1 folders are mapped onto the nested config)."""
+        stored = self.stored
+        if stored.get("format_version") == 1:
+            stored = _config_from_version_1(self)
+        config = LaVITConfig.from_dict(stored)
+        return config
 
     @staticmethod
     def is_mlx_folder(path: Path) -> bool:
@@ -188,16 +248,16 @@ class MLXCheckpoint(Checkpoint):
         return True
 
     def describe(self) -> str:
-        counts = self.config.get("quantized_layers") or {}
+        counts = self.stored.get("quantized_layers") or {}
         quantized = []
-        for name, q in (self.config.get("quantization") or {}).items():
+        for name, q in (self.stored.get("quantization") or {}).items():
             if not q:
                 continue
             members = [c for c, group in MLX_FORMAT["quantization_group"].items() if group == name]
             layers = sum(n for c, n in counts.items() if c.split("/")[0] in members)
             quantized.append(f"{name} {q['bits']}-bit ({layers} layers)" if counts else f"{name} {q['bits']}-bit")
         extra = f", quantized: {', '.join(quantized)}" if quantized else ""
-        return f"MLX folder ({self.config.get('dtype', 'float32')}{extra}) at {self.path}"
+        return f"MLX folder ({self.stored.get('dtype', 'float32')}{extra}) at {self.path}"
 
     def relative(self, component: str) -> str:
         return MLX_FORMAT["files"][component]
@@ -229,4 +289,36 @@ class MLXCheckpoint(Checkpoint):
                 yield relative, "checksum mismatch"
 
     def quantization(self, component: str) -> Optional[dict]:
-        return (self.config.get("quantization") or {}).get(MLX_FORMAT["quantization_group"].get(component, component))
+        return (self.stored.get("quantization") or {}).get(MLX_FORMAT["quantization_group"].get(component, component))
+
+    def pixel_config(self, component: str) -> PixelConfig:
+        return self.config().component(component)
+
+
+def _from_torch_layout(shapes: dict) -> dict:
+    """EVA's patch-embedding shape in the torch layout (O, I, kh, kw) from either layout."""
+    key = "patch_embed.proj.weight"
+    shape = shapes.get(key)
+    if shape is not None and len(shape) == 4 and shape[3] == 3 and shape[1] != 3:
+        shapes = dict(shapes)
+        shapes[key] = (shape[0], shape[3], shape[1], shape[2])
+    return shapes
+
+
+def _config_from_version_1(checkpoint: "MLXCheckpoint") -> dict:
+    """A format-1 config.json (flat: eva, llm dict, llm_hidden, {unet, vae} per decoder)
+    in the nested format-2 shape."""
+    old = checkpoint.stored
+    out = {k: old[k] for k in ("tokenizer", "lowres_decoder", "highres_decoder", "token_ids", "quantization")
+           if old.get(k) is not None}
+    if old.get("eva") is not None:
+        out["vision"] = old["eva"]
+    if old.get("llm") is not None:
+        out["llm"] = LLMConfig.from_hf(old["llm"]).to_dict()
+    if old.get("llm_hidden") is not None and checkpoint.has("understanding"):
+        out["understanding_dim"] = old["llm_hidden"]
+    for name in ("highres_pixel", "lowres_pixel"):
+        if old.get(name) is not None:
+            scheduler = checkpoint.folder(name) / "scheduler" / "scheduler_config.json"
+            out[name] = {**old[name], "scheduler": read_json(scheduler)}
+    return out

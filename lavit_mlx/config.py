@@ -19,28 +19,33 @@ RELEASE_VISION_HEADS = 16
 RELEASE_VISION_WIDTH = 1408  # EVA-CLIP ViT-g/14, the merger and the VQ decoders of the release
 
 
-def vision_heads_for(width: int, given: Optional[int], what: str, source: str) -> int:
+def vision_heads_for(width: int, given: Optional[int]) -> Optional[int]:
     """The attention head count of a vision component read from a released-layout file.
 
     Shapes cannot reveal it. At the release's width (1408) the release's 16 heads are
-    right; at any other width a guess would give silently wrong tokens, so the count must
-    be given (`--vision-heads`). A given count must divide the width.
+    right; at any other width a guess would give silently wrong tokens, so it stays
+    unknown (None) until given (`--vision-heads`); `check_heads` refuses to build with it.
     """
+    if given is None:
+        return RELEASE_VISION_HEADS if width == RELEASE_VISION_WIDTH else None
+    return given
+
+
+def check_heads(width: int, heads: Optional[int], what: str, source: str) -> int:
+    """The head count a component is built with, or a one-line CheckpointError."""
     from .errors import CheckpointError
 
-    if given is None:
-        if width != RELEASE_VISION_WIDTH:
-            raise CheckpointError(
-                f"{source}: the {what} is {width} wide, not the release's {RELEASE_VISION_WIDTH}, so its attention "
-                "head count is unknown (shapes cannot tell): pass --vision-heads N"
-            )
-        return RELEASE_VISION_HEADS
-    if given <= 0 or width % given:
+    if heads is None:
         raise CheckpointError(
-            f"vision heads {given} does not divide the {what} width {width}; "
+            f"{source}: the {what} is {width} wide, not the release's {RELEASE_VISION_WIDTH}, so its attention "
+            "head count is unknown (shapes cannot tell): pass --vision-heads N"
+        )
+    if heads <= 0 or width % heads:
+        raise CheckpointError(
+            f"vision heads {heads} does not divide the {what} width {width}; "
             "pass the head count the checkpoint was trained with (--vision-heads)"
         )
-    return given
+    return heads
 
 
 def mlp_width(width: int) -> int:
@@ -67,6 +72,9 @@ class _Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
 
 def _count_blocks(keys: Sequence[str], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
@@ -80,7 +88,7 @@ class EVAConfig(_Config):
 
     width: int = 1408
     depth: int = 40
-    num_heads: int = RELEASE_VISION_HEADS
+    num_heads: Optional[int] = RELEASE_VISION_HEADS  # None: unknown (see vision_heads_for)
     mlp_dim: int = 6144
     patch_size: int = 14
     image_size: int = 224
@@ -98,7 +106,7 @@ class EVAConfig(_Config):
         return cls(
             width=width,
             depth=_count_blocks(list(shapes), "blocks."),
-            num_heads=vision_heads_for(width, num_heads, "EVA vision transformer", source),
+            num_heads=vision_heads_for(width, num_heads),
             mlp_dim=shapes["blocks.0.mlp.fc1.weight"][0],
             patch_size=patch,
             image_size=grid * patch,
@@ -112,7 +120,7 @@ class TokenizerConfig(_Config):
 
     width: int = 1408
     merger_depth: int = 12
-    num_heads: int = RELEASE_VISION_HEADS
+    num_heads: Optional[int] = RELEASE_VISION_HEADS
     mlp_dim: int = 6144
     codebook_size: int = 16384
     code_dim: int = 32
@@ -127,7 +135,7 @@ class TokenizerConfig(_Config):
         return cls(
             width=width,
             merger_depth=_count_blocks(list(shapes), "causal_encoder.blocks."),
-            num_heads=vision_heads_for(width, num_heads, "token merger", source),
+            num_heads=vision_heads_for(width, num_heads),
             mlp_dim=shapes["causal_encoder.blocks.0.mlp.fc1.weight"][0],
             codebook_size=codebook_size,
             code_dim=code_dim,
@@ -141,7 +149,7 @@ class VQDecoderConfig(_Config):
     highres: bool = True
     width: int = 1408
     depth: int = 12
-    num_heads: int = RELEASE_VISION_HEADS
+    num_heads: Optional[int] = RELEASE_VISION_HEADS
     mlp_dim: int = 6144
     code_dim: int = 32
     num_patches: int = 256
@@ -150,12 +158,15 @@ class VQDecoderConfig(_Config):
     pooled_dim: int = 1280  # high-res attention pool output
     eps: float = 1e-5
 
+    def __post_init__(self):
+        self.context_dims = tuple(self.context_dims)  # a list after a JSON round trip
+
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: Optional[int],
                     source: str = "VQ decoder") -> "VQDecoderConfig":
         highres = "unet_attnpool.c_proj.weight" in shapes
         width, code_dim = shapes["in_proj.weight"]
-        num_heads = vision_heads_for(width, num_heads, "VQ decoder", source)
+        num_heads = vision_heads_for(width, num_heads)
         if highres:
             context_dims = (shapes["unet_proj_1.weight"][0], shapes["unet_proj_2.weight"][0])
             pooled_dim = shapes["unet_attnpool.c_proj.weight"][0]
@@ -220,23 +231,107 @@ class TokenIds(_Config):
 
 
 @dataclass
+class LLMConfig(_Config):
+    """The unified LLM: a LLaMA as transformers' `LlamaConfig` (config.json) describes it.
+
+    Defaults are transformers' where a config.json may omit a key (the release sets
+    `rms_norm_eps` 1e-5 and has a separate `lm_head`). `extra` keeps every other key of
+    the config.json, so `to_hf()` gives it back unchanged.
+    """
+
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    vocab_size: int = 48386
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    extra: dict = field(default_factory=dict)
+
+    REQUIRED = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], source: str = "config.json") -> "LLMConfig":
+        """From a transformers config.json dict; a missing size is a one-line CheckpointError."""
+        from .errors import CheckpointError
+
+        absent = [k for k in cls.REQUIRED if k not in config]
+        if absent:
+            raise CheckpointError(f"{source}: missing {', '.join(absent)}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in config.items() if k in names and v is not None}
+        extra = {k: v for k, v in config.items() if k not in names and k != "quantization"}
+        return cls(**known, extra=extra)
+
+    def to_hf(self) -> dict:
+        """The transformers config.json dict."""
+        out = dict(self.extra)
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        if out.get("num_key_value_heads") is None:
+            out["num_key_value_heads"] = self.num_attention_heads
+        return out
+
+
+@dataclass
+class PixelConfig(_Config):
+    """One pixel decoder: its diffusers UNet, VAE and scheduler configs (as in their folders;
+    `lavit_mlx.models.unet.UNetConfig` / `vae.VAEConfig` check and read them)."""
+
+    unet: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantizationConfig(_Config):
+    """Per group of components, None or {"bits", "group_size"}: how the weights are stored."""
+
+    llm: Optional[dict] = None
+    vision: Optional[dict] = None
+    unet: Optional[dict] = None
+
+
+@dataclass
 class LaVITConfig(_Config):
-    """The composed model. Components are None until known (read or loaded)."""
+    """The composed model, the single source of truth for every size.
 
-    vision_heads: Optional[int] = None  # None: the release's rule (16 at width 1408, else required)
-    eva: EVAConfig | None = None
-    tokenizer: TokenizerConfig | None = None
-    llm_hidden: int = 4096  # vit_proj output width
-    lowres_decoder: VQDecoderConfig | None = None
-    highres_decoder: VQDecoderConfig | None = None
+    A component's field is None when the checkpoint does not hold it. An MLX folder
+    stores this as its config.json; for the released layout `lavit_mlx.loading` infers it
+    once from tensor shapes (and the head count, which shapes cannot reveal).
+    """
+
+    vision: Optional[EVAConfig] = None
+    tokenizer: Optional[TokenizerConfig] = None
+    understanding_dim: Optional[int] = None  # vit_proj's output width (the LLM's hidden size)
+    llm: Optional[LLMConfig] = None
+    lowres_decoder: Optional[VQDecoderConfig] = None
+    highres_decoder: Optional[VQDecoderConfig] = None
+    highres_pixel: Optional[PixelConfig] = None
+    lowres_pixel: Optional[PixelConfig] = None
     token_ids: TokenIds = field(default_factory=TokenIds)
-    llm: dict | None = None  # transformers-style LLaMA config.json
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
+    def component(self, name: str):
+        """The config of a component by its checkpoint name ('eva', 'tokenizer', ...)."""
+        return getattr(self, COMPONENT_FIELDS.get(name, name))
+
+
+# Component names of the checkpoint layouts -> LaVITConfig fields (where they differ).
+COMPONENT_FIELDS = {"eva": "vision", "understanding": "tokenizer"}
 
 _NESTED = {
-    ("LaVITConfig", "eva"): EVAConfig,
+    ("LaVITConfig", "vision"): EVAConfig,
     ("LaVITConfig", "tokenizer"): TokenizerConfig,
+    ("LaVITConfig", "llm"): LLMConfig,
     ("LaVITConfig", "lowres_decoder"): VQDecoderConfig,
     ("LaVITConfig", "highres_decoder"): VQDecoderConfig,
+    ("LaVITConfig", "highres_pixel"): PixelConfig,
+    ("LaVITConfig", "lowres_pixel"): PixelConfig,
     ("LaVITConfig", "token_ids"): TokenIds,
+    ("LaVITConfig", "quantization"): QuantizationConfig,
 }

@@ -49,7 +49,8 @@ KNOWN_EXTRAS: Dict[str, Callable[[str], bool]] = {
 # The MLX folder format written by `lavit convert` (docs/mlx-format.md).
 MLX_FORMAT = {
     "name": "lavit-mlx",
-    "version": 1,
+    "version": 2,  # 2: the nested LaVITConfig at the top level of config.json
+    "readable_versions": (1, 2),
     # one safetensors file per vision component; above MAX_SHARD_BYTES it is split into
     # NAME-0000i-of-0000n.safetensors with a NAME.safetensors.index.json weight map
     "files": {

@@ -35,7 +35,7 @@ def read_weights(path: Path, keys: Optional[set] = None) -> Weights:
         except Exception as exc:  # mlx raises plain ValueError/RuntimeError on bad files
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         return {k: v for k, v in weights.items() if keys is None or k in keys}
-    from lavit_convert.torch_io import read_torch_file
+    from .torch_pickle import read_torch_file
 
     weights = read_torch_file(path, keys=keys)
     if isinstance(weights, mx.array):
@@ -86,7 +86,7 @@ def read_tensor(path: Path) -> mx.array:
         if len(weights) != 1:
             raise CheckpointError(f"{path}: expected one tensor, found {len(weights)}")
         return next(iter(weights.values()))
-    from lavit_convert.torch_io import read_torch_file
+    from .torch_pickle import read_torch_file
 
     tensor = read_torch_file(path)
     if not isinstance(tensor, mx.array):

@@ -155,18 +155,20 @@ def tensor_checks(fx: Fixture):
         tail = ids[0, -len(fx.llm_token_ids):].tolist()
         if tail != fx.llm_token_ids:
             raise AssertionError("llm_generation_input_ids does not end with our llm_token_ids")
-        return fx.model.llm_logits(input_ids=ids)[:, -4:]
+        import mlx.core as mx
+
+        return fx.model.llm(input_ids=mx.array(ids))[:, -4:]
 
     def understanding_embeds():
+        import mlx.core as mx
+
         fx.need("lavit_mlx.models.llm")
         prompt_ids = [3148, 1139, 29901]
-        return fx.model.understanding_input_embeds(
-            [fx.understanding_out.visual_embeds[0]], prompt_ids
-        )
+        return mx.stack(fx.model.understanding_rows([fx.understanding_out.visual_embeds[0]], [prompt_ids]))
 
     def understanding_logits():
         fx.need("lavit_mlx.models.llm")
-        return fx.model.llm_logits(inputs_embeds=understanding_embeds())[:, -4:]
+        return fx.model.llm(inputs_embeds=understanding_embeds())[:, -4:]
 
     def unet_out(highres: bool):
         decoder = fx.pixel_decoder(highres)
@@ -284,12 +286,13 @@ def fact_checks(fx: Fixture):
             "merger_depth": tokenizer.merger_depth,
         }
         if "decoder_depth" in cfg:
-            ours["decoder_depth"] = model.decoder_config(highres=True).depth
+            ours["decoder_depth"] = model.config.highres_decoder.depth
         if model.config.llm:
-            ours["llm_hidden"] = model.config.llm.get("hidden_size")
-            ours["llm_layers"] = model.config.llm.get("num_hidden_layers")
+            ours["llm_hidden"] = model.config.llm.hidden_size
+            ours["llm_layers"] = model.config.llm.num_hidden_layers
         if "dtype" in cfg:
-            ours["dtype"] = model.stored_dtype("eva")
+            dtypes = {str(v.dtype).replace("mlx.core.", "") for v in model.checkpoint.weights("eva").values()}
+            ours["dtype"] = dtypes.pop() if len(dtypes) == 1 else f"mixed: {sorted(dtypes)}"
         bad = [k for k in ours if k in cfg and cfg[k] != ours[k]]
         unknown = [k for k in cfg if k not in ours and k not in ("seed", "heads")]
         if bad or unknown:

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import CheckpointError, LaVITError
-from ..weights import Weights, load_strict, read_json, read_sharded, read_weights
+from ..weights import Weights, read_json
 from .. import ops
 from ..cpu.conv import derived_weights
 from .layers import merge_heads, split_heads
@@ -304,31 +304,17 @@ def _flat_parameters(model: nn.Module) -> dict:
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 
 
-def read_diffusers_folder(folder: Path, what: str, stem: str = DIFFUSERS_STEM):
-    """(config dict, weights) of a diffusers model folder: config.json and
-    `stem`.safetensors (or its shards with `stem`.safetensors.index.json) or `stem`.bin."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json for the {what}")
-    config = read_json(config_path)
-    safetensors = folder / f"{stem}.safetensors"
-    if safetensors.is_file() or Path(f"{safetensors}.index.json").is_file():
-        return config, read_sharded(safetensors)
-    if (folder / f"{stem}.bin").is_file():
-        return config, read_weights(folder / f"{stem}.bin")
-    raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.bin for the {what}")
-
-
 def load_diffusers_model(folder: Path, model_cls, config_cls, what: str, dtype: mx.Dtype = mx.float32,
                          source_layout: str = "torch", stem: str = DIFFUSERS_STEM,
                          quantization: Optional[dict] = None):
-    """config.json + weights -> `model_cls`: sanitize to this layout, quantize the layers
-    stored quantized (`quantization` = {"bits", "group_size"}), load strictly."""
-    config, weights = read_diffusers_folder(folder, what, stem)
-    model = model_cls(config_cls.from_dict(config))
-    weights = model.sanitize(weights, source_layout)
-    if quantization:
-        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                    class_predicate=lambda path, module: f"{path}.scales" in weights)
-    return load_strict(model, weights, str(folder), dtype=dtype)
+    """A diffusers model folder (config.json + weights) -> `model_cls`, through the one
+    loading path (`loading.load_component`)."""
+    from ..loading import load_component, read_diffusers_weights
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json for the {what}")
+    model = model_cls(config_cls.from_dict(read_json(folder / "config.json")))
+    weights = read_diffusers_weights(folder, stem, what)
+    return load_component(model, weights, str(folder), torch_layout=source_layout == "torch",
+                          quantization=quantization, dtype=dtype)

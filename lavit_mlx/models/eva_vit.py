@@ -85,9 +85,9 @@ class EVAVisionTransformer(nn.Module):
             x = block(x)
         return x
 
-    @staticmethod
-    def sanitize(weights: dict) -> dict:
-        """torch conv layout (O, I, kh, kw) -> MLX (O, kh, kw, I); a no-op on MLX layout."""
+    def sanitize(self, weights: dict, source_layout: str = "torch") -> dict:
+        """torch conv layout (O, I, kh, kw) -> MLX (O, kh, kw, I); a no-op on MLX layout
+        (decided by the shape: 3 input channels), so applying it twice changes nothing."""
         key = "patch_embed.proj.weight"
         w = weights.get(key)
         if w is not None and w.ndim == 4 and w.shape[1] == 3 and w.shape[3] != 3:

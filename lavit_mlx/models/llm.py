@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +22,7 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.models.llama import Model as LlamaModel
 from mlx_lm.models.llama import ModelArgs
 
-from ..config import TokenIds
+from ..config import LLMConfig, TokenIds
 from ..errors import CheckpointError, LaVITError
 from ..layout import KNOWN_EXTRAS
 from ..weights import read_json, read_weights
@@ -37,31 +37,24 @@ QUANTIZE_BITS = (4, 8)
 DEFAULT_GROUP_SIZE = 64
 
 
-def llama_args(config: Mapping) -> ModelArgs:
-    """mlx-lm `ModelArgs` from a transformers `LlamaConfig` dict (config.json).
+def llama_args(config: Union[LLMConfig, Mapping]) -> ModelArgs:
+    """mlx-lm `ModelArgs` from the LLM config (or a transformers config.json dict).
 
-    Defaults are transformers' `LlamaConfig` defaults where mlx-lm's differ
-    (notably `tie_word_embeddings=False`: the release has a separate `lm_head`).
+    `LLMConfig` carries transformers' defaults where mlx-lm's differ (notably
+    `tie_word_embeddings=False`: the release has a separate `lm_head`).
     """
-    model_type = config.get("model_type", "llama")
-    if model_type != "llama":
-        raise CheckpointError(f"config.json: model_type {model_type!r} is not 'llama'")
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (LLaMA uses 'silu')")
-    required = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
-    absent = [k for k in required if k not in config]
-    if absent:
-        raise CheckpointError(f"config.json: missing {', '.join(absent)}")
-    params = {
-        "model_type": "llama",
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "max_position_embeddings": 2048,
-        **{k: v for k, v in config.items() if v is not None},
-    }
-    return ModelArgs.from_dict(params)
+    if not isinstance(config, LLMConfig):
+        config = LLMConfig.from_hf(config)
+    if config.model_type != "llama":
+        raise CheckpointError(f"config.json: model_type {config.model_type!r} is not 'llama'")
+    if config.hidden_act != "silu":
+        raise CheckpointError(f"config.json: hidden_act {config.hidden_act!r} is not supported (LLaMA uses 'silu')")
+    return ModelArgs.from_dict({k: v for k, v in config.to_hf().items() if v is not None})
+
+
+def build_llama(config: Union[LLMConfig, Mapping]) -> LlamaModel:
+    """mlx-lm's LLaMA for this config (unloaded)."""
+    return LlamaModel(llama_args(config))
 
 
 @dataclass
@@ -155,14 +148,14 @@ def weight_files(folder: Path) -> Tuple[List[Path], Dict[str, str]]:
     )
 
 
-def read_llama_weights(folder: Path, expected: Mapping[str, tuple],
-                       dtype: Optional[mx.Dtype]) -> Dict[str, mx.array]:
+def read_llama_weights(folder: Path, model: nn.Module, dtype: Optional[mx.Dtype]) -> Dict[str, mx.array]:
     """Read every shard, checking each key against the model's parameters as it comes.
 
     Errors name the key and the file: an unexpected key (other than the known
     `rotary_emb.inv_freq` buffers), a wrong shape, a key missing from every shard, or
     a key the index places in another shard than the one that holds it.
     """
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     files, weight_map = weight_files(folder)
     known_extra = KNOWN_EXTRAS["llm"]
     weights: Dict[str, mx.array] = {}
@@ -193,15 +186,17 @@ def read_llama_weights(folder: Path, expected: Mapping[str, tuple],
 
 
 # ----------------------------------------------------------------------------- model
-class LanguageModel:
+class LanguageModel(nn.Module):
     """mlx-lm's LLaMA with LaVIT's token ids, a context check and weight accounting.
 
-    `model` is the plain `mlx_lm.models.llama.Model`; use it directly with mlx-lm
+    `model` is the plain `mlx_lm.models.llama.Model` (a child module: freeze it, wrap it
+    in LoRA, differentiate or save it through this one); use it directly with mlx-lm
     tools. Build one with `load_language_model`.
     """
 
     def __init__(self, model: LlamaModel, token_ids: TokenIds, source: str = "",
                  quantization: Optional[QuantizationReport] = None):
+        super().__init__()
         self.model = model
         self.args: ModelArgs = model.args
         self.token_ids = token_ids
@@ -322,7 +317,8 @@ def load_language_model(
     group_size: int = DEFAULT_GROUP_SIZE,
     token_ids: Optional[TokenIds] = None,
 ) -> LanguageModel:
-    """Load a released `language_model/` folder (transformers LLaMA layout).
+    """Load a `language_model/` folder: the released one (transformers LLaMA layout) or an
+    MLX folder's (mlx-lm layout, maybe stored quantized); the keys are the same.
 
     Args:
         folder: holds config.json and the weights: pytorch_model.bin.index.json with
@@ -332,31 +328,43 @@ def load_language_model(
             stored dtype (float16 in the release; for the GPU).
         quantize: 4 or 8 to quantize Linear and Embedding layers (lm_head and
             embed_tokens included) at load, with `group_size`; the report is
-            `.quantization`.
+            `.quantization`. A folder stored quantized keeps its own quantization.
         token_ids: the special ids; by default `TokenIds.for_vocab(vocab_size)`.
 
     Returns:
-        a LanguageModel. Raises CheckpointError on a missing config or shard, an
-        unexpected key (named with its file), a missing key or a wrong shape.
+        a LanguageModel in eval mode. Raises CheckpointError on a missing config or
+        shard, an unexpected key (named with its file), a missing key or a wrong shape.
     """
+    from ..loading import load_component
+
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"language model folder not found: {folder}")
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: missing {CONFIG_FILE} (the LLaMA configuration)")
-    args = llama_args(read_json(config_path))
-    model = LlamaModel(args)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    # Quantizing reads at the stored dtype and casts layer by layer (lower peak memory).
-    read_dtype = None if quantize else dtype
-    weights = read_llama_weights(folder, expected, read_dtype)
-    model.load_weights(list(weights.items()), strict=True)
+    raw = read_json(config_path)
+    config = LLMConfig.from_hf(raw, str(config_path))
+    model = build_llama(config)
+    stored = raw.get("quantization")
+    if quantize not in (None, *QUANTIZE_BITS):
+        raise LaVITError(f"quantize: bits must be one of {QUANTIZE_BITS}, got {quantize}")
+    if stored and quantize and quantize != stored["bits"]:
+        raise LaVITError(f"{folder} is stored {stored['bits']}-bit; convert again to use --quantize {quantize}")
+    if stored:
+        files, _ = weight_files(folder)
+        weights = {}
+        for path in files:
+            weights.update(read_weights(path))
+        load_component(model, weights, str(folder), quantization=stored, dtype=dtype)
+    else:
+        # one shard at a time, each key checked as it comes; quantizing reads at the
+        # stored dtype and casts layer by layer (lower peak memory)
+        weights = read_llama_weights(folder, model, None if quantize else dtype)
+        load_component(model, weights, str(folder), dtype=None)
     del weights
-    mx.eval(model.parameters())
-    report = None
-    if quantize:
-        report = quantize_model(model, quantize, group_size, dtype)
+    report = quantize_model(model, quantize, group_size, dtype) if quantize and not stored else None
+    args = model.args
     if token_ids is None:
         token_ids = TokenIds.for_vocab(args.vocab_size)
     elif token_ids.vocab_size != args.vocab_size:
@@ -364,7 +372,7 @@ def load_language_model(
             f"{config_path}: vocab_size {args.vocab_size} does not match the token ids' "
             f"{token_ids.vocab_size} ({token_ids.num_text} text + 2 + {token_ids.codebook_size} visual)"
         )
-    return LanguageModel(model, token_ids, str(folder), report)
+    return LanguageModel(model, token_ids, str(folder), report).eval()
 
 
 # ----------------------------------------------------------------------------- text tokenizer
@@ -447,44 +455,6 @@ class TextTokenizer:
 
     def batch_decode(self, rows: Iterable[Iterable[int]]) -> List[str]:
         return [self.decode(r) for r in rows]
-
-
-def load_mlx_language_model(
-    folder,
-    dtype: Optional[mx.Dtype] = mx.float32,
-    quantize: Optional[int] = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    token_ids: Optional[TokenIds] = None,
-) -> LanguageModel:
-    """Load the mlx-lm `language_model/` folder of an MLX checkpoint (`lavit convert`).
-
-    Layers stored quantized (a `.scales` next to their weight, `config.json`'s
-    "quantization") are rebuilt quantized; `quantize` then only applies to an
-    unquantized folder.
-    """
-    from ..weights import load_strict, read_sharded
-
-    folder = Path(folder)
-    config = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
-    if config is None:
-        raise CheckpointError(f"{folder}: missing {CONFIG_FILE} (the LLaMA configuration)")
-    args = llama_args(config)
-    model = LlamaModel(args)
-    weights = read_sharded(folder / SINGLE_FILES[0])
-    stored = config.get("quantization")
-    report = None
-    if stored:
-        if quantize and quantize != stored["bits"]:
-            raise LaVITError(f"{folder} is stored {stored['bits']}-bit; convert again to use --quantize {quantize}")
-        nn.quantize(model, group_size=stored["group_size"], bits=stored["bits"],
-                    class_predicate=lambda path, module: f"{path}.scales" in weights)
-    load_strict(model, weights, str(folder), dtype=dtype)
-    weights.clear()  # the model holds its own copies now
-    if quantize and not stored:
-        report = quantize_model(model, quantize, group_size, dtype)
-    if token_ids is None:
-        token_ids = TokenIds.for_vocab(args.vocab_size)
-    return LanguageModel(model, token_ids, str(folder), report)
 
 
 _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),

@@ -53,15 +53,21 @@ class TokenSelector(nn.Module):
             nn.Linear(w // 4, 2),
         ]
 
-    def __call__(self, features: mx.array) -> mx.array:
-        """Log-probabilities (B, N, 2) of [keep, drop] for patch features (B, N, width)."""
+    def __call__(self, features: mx.array, policy: Optional[mx.array] = None) -> mx.array:
+        """Log-probabilities (B, N, 2) of [keep, drop] for patch features (B, N, width).
+
+        The global half is a mean over patches weighted by `policy` (B, N, 1) (the paper's
+        policy-weighted mean; all ones, a plain mean, when not given).
+        """
         x = features
         for layer in self.in_conv:
             x = layer(x)
         half = x.shape[-1] // 2
-        local_x = x[..., :half]
-        # The official mean is weighted by a policy that is all ones at inference.
-        global_x = mx.mean(x[..., half:], axis=1, keepdims=True)
+        local_x, rest = x[..., :half], x[..., half:]
+        if policy is None:
+            global_x = mx.mean(rest, axis=1, keepdims=True)
+        else:
+            global_x = mx.sum(rest * policy, axis=1, keepdims=True) / mx.sum(policy, axis=1, keepdims=True)
         x = mx.concatenate([local_x, mx.broadcast_to(global_x, local_x.shape)], axis=-1)
         for layer in self.out_conv:
             x = layer(x)
@@ -98,7 +104,11 @@ class TokenMerger(nn.Module):
         self.norm = nn.LayerNorm(config.width, eps=config.eps)
 
     def __call__(self, features: mx.array, keep: mx.array) -> mx.array:
-        """Merged features (B, N, width) for patch features (B, N, width) and keep (B, N) in {0, 1}."""
+        """Merged features (B, N, width) for patch features (B, N, width) and keep (B, N) in {0, 1}.
+
+        `keep` may carry a straight-through gradient: it enters only as attention weights,
+        which is how the selector learns (the dropped tokens are masked inside the softmax).
+        """
         n = features.shape[1]
         keep = keep.astype(mx.float32)
         rows = mx.arange(n)
@@ -114,6 +124,10 @@ class TokenMerger(nn.Module):
         return self.norm(x)
 
 
+def l2_normalize(z: mx.array) -> mx.array:
+    return z / mx.maximum(mx.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+
+
 class VectorQuantizer(nn.Module):
     """`quantize`: nearest of `codebook_size` l2-normalised code vectors."""
 
@@ -122,12 +136,13 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(config.codebook_size, config.code_dim)
 
     def distances(self, z: mx.array) -> mx.array:
-        """||z||^2 + ||e||^2 - 2 z.e for l2-normalised z (T, d) against every code (T, K)."""
-        z = z / mx.maximum(mx.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+        """||z||^2 + ||e||^2 - 2 z.e for l2-normalised z (..., d) against every code (..., K),
+        rows used as stored (reference section 3, "Quantizer")."""
+        z = l2_normalize(z)
         codebook = self.embedding.weight
         return (
             mx.sum(z * z, axis=-1, keepdims=True)
-            + mx.sum(codebook * codebook, axis=-1)[None, :]
+            + mx.sum(codebook * codebook, axis=-1)
             - 2.0 * (z @ codebook.T)
         )
 
@@ -135,19 +150,51 @@ class VectorQuantizer(nn.Module):
         return mx.argmin(self.distances(z), axis=-1)
 
 
-@dataclass
-class TokenizerOutput:
-    """What the tokenizer computed for a batch of images.
+def gumbel_noise(shape, key: Optional[mx.array] = None) -> mx.array:
+    """-log(-log(U)), U ~ uniform(0, 1): the noise of a Gumbel-softmax draw."""
+    return mx.random.gumbel(shape, key=key)
 
-    `codes[i]` are the visual codes of image i (0..codebook_size-1) in raster order of
-    its kept patches; `visual_embeds[i]` the projected merger outputs for the LLM.
+
+def hard_gumbel_keep(logprobs: mx.array, noise: mx.array, tau: float = 1.0) -> mx.array:
+    """Keep mask (B, N) of a hard Gumbel-softmax draw with a straight-through gradient:
+    the forward value is one-hot (keep if column 0 wins), the gradient that of
+    softmax((logprobs + noise) / tau) (`F.gumbel_softmax(hard=True)[..., 0]`)."""
+    soft = mx.softmax((logprobs + noise) / tau, axis=-1)
+    hard = (soft[..., 0] >= soft[..., 1]).astype(soft.dtype)
+    return hard + soft[..., 0] - mx.stop_gradient(soft[..., 0])
+
+
+@dataclass
+class TokenizerForward:
+    """Everything the tokenizer computes for a batch, as arrays over all N positions.
+
+    Dropped positions are computed too (the release computes all 256 and uses the kept
+    ones), so shapes never depend on the data: `keep` says which positions count.
     """
 
     logprobs: mx.array  # (B, N, 2) selector log-probabilities [keep, drop]
-    keep_mask: mx.array  # (B, N) 1 where the patch is kept
-    merged: mx.array  # (B, N, width) merger output (all positions)
+    keep: mx.array  # (B, N) 1 where the patch is kept (straight-through in training)
+    merged: mx.array  # (B, N, width) merger output
+    z: Optional[mx.array] = None  # (B, N, code_dim) l2-normalised encoder output
+    codes: Optional[mx.array] = None  # (B, N) nearest code of every position
+    quantized: Optional[mx.array] = None  # (B, N, code_dim) its codebook row (straight-through in training)
+    distances: Optional[mx.array] = None  # (B, N, codebook_size)
+    visual_embeds: Optional[mx.array] = None  # (B, N, llm_hidden) vit_proj of every position
+
+
+@dataclass
+class TokenizerOutput:
+    """Host-side tokens of a batch (`DynamicVisualTokenizer.tokenize`).
+
+    `codes[i]` are the visual codes of image i (0..codebook_size-1) in raster order of
+    its kept patches; `visual_embeds[i]` the projected merger outputs of those patches.
+    """
+
+    logprobs: mx.array  # (B, N, 2)
+    keep_mask: mx.array  # (B, N)
+    merged: mx.array  # (B, N, width)
     codes: List[np.ndarray]
-    quantized: Optional[mx.array] = None  # (sum T, code_dim) codebook rows of all codes
+    quantized: Optional[mx.array] = None  # (sum T, code_dim) codebook rows of all kept codes
     visual_embeds: Optional[List[mx.array]] = None  # (T_i, llm_hidden) per image
     code_margin: Optional[float] = None  # smallest gap between best and second-best code
 
@@ -157,6 +204,10 @@ class DynamicVisualTokenizer(nn.Module):
 
     With `quantizer=True` this is the discrete tokenizer of `tokenizer_encoder.bin`; with
     `llm_hidden` set it also has `vit_proj`, the understanding path of `visual_weight.bin`.
+
+    `__call__` is the differentiable forward (training: straight-through hard Gumbel
+    selection and a straight-through codebook lookup; evaluation: the deterministic rule,
+    or a seeded Gumbel draw). `tokenize` is the host-side wrapper that returns ids.
     """
 
     def __init__(self, config: TokenizerConfig, quantizer: bool = True, llm_hidden: Optional[int] = None):
@@ -175,63 +226,81 @@ class DynamicVisualTokenizer(nn.Module):
     def has_quantizer(self) -> bool:
         return "quantize" in self
 
-    def select(self, logprobs: mx.array, sample: bool = False, key: Optional[mx.array] = None) -> mx.array:
+    def select(self, logprobs: mx.array, sample: bool = False, key: Optional[mx.array] = None,
+               noise: Optional[mx.array] = None, tau: float = 1.0) -> mx.array:
         """Keep mask (B, N) from selector log-probabilities.
 
-        Deterministic: keep where logp[keep] > logp[drop]. Sampled: a hard Gumbel-softmax
-        draw (`F.gumbel_softmax(hard=True)[..., 0]`, as the official inference does).
+        Deterministic: keep where logp[keep] > logp[drop]. Sampled (or given `noise`): a
+        hard Gumbel-softmax draw with a straight-through gradient.
         """
-        if not sample:
+        if noise is None and not sample:
             return (logprobs[..., 0] > logprobs[..., 1]).astype(mx.float32)
-        noisy = logprobs + mx.random.gumbel(logprobs.shape, key=key)
-        return (noisy[..., 0] >= noisy[..., 1]).astype(mx.float32)
+        if noise is None:
+            noise = gumbel_noise(logprobs.shape, key)
+        return hard_gumbel_keep(logprobs, noise, tau)
+
+    def encode(self, merged: mx.array) -> mx.array:
+        z = merged
+        for layer in self.encode_task_layer:
+            z = layer(z)
+        return l2_normalize(z)
 
     def __call__(
         self,
         features: mx.array,
+        keep: Optional[mx.array] = None,
         sample: bool = False,
         key: Optional[mx.array] = None,
-        keep_mask: Optional[mx.array] = None,
-    ) -> TokenizerOutput:
-        """Tokenize EVA patch features (B, N, width) (CLS removed).
+        noise: Optional[mx.array] = None,
+        tau: float = 1.0,
+        policy: Optional[mx.array] = None,
+    ) -> TokenizerForward:
+        """Tokenize EVA patch features (B, N, width) (CLS removed); differentiable, no host sync.
 
         Args:
             features: patch features of the ViT's last block, before its final norm.
-            sample: draw the keep mask (Gumbel) instead of the deterministic rule.
-            key: PRNG key for sampling.
-            keep_mask: use this (B, N) mask instead of selecting.
+            keep: use this (B, N) mask instead of selecting.
+            sample: draw the mask (hard Gumbel) instead of the deterministic rule; always
+                on in training mode (`self.training`).
+            key: PRNG key for the draw; noise: the Gumbel noise itself (B, N, 2).
+            tau: Gumbel-softmax temperature.
+            policy: (B, N, 1) weights of the selector's global mean (default all ones).
         """
-        logprobs = self.token_predictor(features)
-        keep = keep_mask if keep_mask is not None else self.select(logprobs, sample, key)
+        logprobs = self.token_predictor(features, policy)
+        if keep is None:
+            keep = self.select(logprobs, sample or self.training, key, noise, tau)
         merged = self.causal_encoder(features, keep)
-        mx.eval(logprobs, keep, merged)
-        keep_np = np.array(keep) > 0.5
-        B, N, W = merged.shape
+        out = TokenizerForward(logprobs=logprobs, keep=keep, merged=merged)
+        if self.has_quantizer:
+            out.z = self.encode(merged)
+            out.distances = self.quantize.distances(out.z)
+            out.codes = mx.argmin(out.distances, axis=-1)
+            rows = self.quantize.embedding(out.codes)
+            # straight-through: the forward value is the code, the gradient reaches z
+            out.quantized = out.z + mx.stop_gradient(rows - out.z) if self.training else rows
+        if "vit_proj" in self:
+            out.visual_embeds = self.vit_proj(merged)
+        return out
+
+    def tokenize(self, features: mx.array, keep: Optional[mx.array] = None, sample: bool = False,
+                 key: Optional[mx.array] = None) -> TokenizerOutput:
+        """Host-side tokens of the kept patches: per-image codes (numpy) and embeddings."""
+        out = self(features, keep=keep, sample=sample, key=key)
+        keep_np = np.array(out.keep) > 0.5
+        B, N, W = out.merged.shape
         counts = keep_np.sum(axis=1)
         flat_index = mx.array(np.flatnonzero(keep_np.reshape(-1)).astype(np.int32))
-        kept = mx.take(merged.reshape(B * N, W), flat_index, axis=0)  # (sum T, W) raster order
-        splits = np.cumsum(counts)[:-1].tolist()
-
-        out = TokenizerOutput(logprobs=logprobs, keep_mask=keep, merged=merged, codes=[])
-        if self.has_quantizer and kept.shape[0] == 0:  # no patch kept in the whole batch
-            out.codes = [np.zeros((0,), np.int64) for _ in range(B)]
-            out.quantized = mx.zeros((0, self.config.code_dim))
-        elif self.has_quantizer:
-            z = kept
-            for layer in self.encode_task_layer:
-                z = layer(z)
-            distances = self.quantize.distances(z)
-            codes = mx.argmin(distances, axis=-1)
-            out.quantized = self.quantize.embedding(codes)
-            best_two = mx.sort(distances, axis=-1)[:, :2] if distances.shape[0] else None
-            mx.eval(codes, out.quantized)
-            codes_np = np.array(codes).astype(np.int64)
-            out.codes = [c for c in np.split(codes_np, splits)]
-            if best_two is not None:
-                out.code_margin = float(mx.min(best_two[:, 1] - best_two[:, 0]))
-        if "vit_proj" in self:
-            embeds = self.vit_proj(kept)
-            mx.eval(embeds)
-            bounds = [0] + np.cumsum(counts).tolist()
-            out.visual_embeds = [embeds[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        return out
+        bounds = [0] + np.cumsum(counts).tolist()
+        result = TokenizerOutput(logprobs=out.logprobs, keep_mask=out.keep, merged=out.merged, codes=[])
+        if self.has_quantizer:
+            codes = np.array(out.codes).reshape(-1)[np.flatnonzero(keep_np.reshape(-1))].astype(np.int64)
+            result.codes = [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            result.quantized = self.quantize.embedding(mx.array(codes.astype(np.int32)))
+            if codes.size:
+                kept_distances = mx.take(out.distances.reshape(B * N, -1), flat_index, axis=0)
+                best_two = mx.sort(kept_distances, axis=-1)[:, :2]
+                result.code_margin = float(mx.min(best_two[:, 1] - best_two[:, 0]))
+        if out.visual_embeds is not None:
+            embeds = mx.take(out.visual_embeds.reshape(B * N, -1), flat_index, axis=0)
+            result.visual_embeds = [embeds[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return result
