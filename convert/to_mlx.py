@@ -20,13 +20,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lavit_mlx.checkpoint import Checkpoint
-from lavit_mlx.config import EVAConfig, TokenizerConfig, TokenIds, VQDecoderConfig
+from lavit_mlx.config import LaVITConfig, QuantizationConfig
 from lavit_mlx.errors import CheckpointError, LaVITError
 from lavit_mlx.layout import KNOWN_EXTRAS, MLX_FORMAT, RELEASE_FOLDERS
 from lavit_mlx.weights import read_json
-from lavit_mlx.models.eva_vit import EVAVisionTransformer
-from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
-from lavit_mlx.models.vq_decoder import VQDecoder
+from lavit_mlx.loading import build_component
 
 from .torch_io import LazyTensors
 from .writer import ShardWriter, copy_files, staged_folder, write_manifest
@@ -211,35 +209,24 @@ def _write_plan(plan: _Plan, writer: ShardWriter, dtype: Optional[mx.Dtype], rep
             source.close()
 
 
-def _vision_plan(ckpt: Checkpoint, name: str, heads: Optional[int], bits: Optional[int]) -> tuple:
-    """(_Plan, config dict) for a vision component of a release-layout checkpoint."""
+def _vision_plan(ckpt: Checkpoint, name: str, config: LaVITConfig, bits: Optional[int]) -> _Plan:
+    """The _Plan of a vision component of a release-layout checkpoint (module built from
+    the inferred config, as `lavit_mlx.load` builds it)."""
     if name == "understanding":
         sources = [LazyTensors(ckpt.file("tokenizer")), LazyTensors(ckpt.file("understanding"))]
-        shapes = {}
-        for source in sources:
-            shapes.update(source.shapes)
         if "vit_proj.weight" not in sources[1].shapes:
             raise CheckpointError(f"{sources[1].path}: missing key 'vit_proj.weight'")
-        config = TokenizerConfig.from_shapes(shapes, heads, str(sources[1].path))
-        llm_hidden = sources[1].shapes["vit_proj.weight"][0]  # the LLM width vit_proj projects to
-        module = DynamicVisualTokenizer(config, quantizer=False, llm_hidden=llm_hidden)
+        module = build_component(name, config, str(sources[1].path))
         tokenizer_keys = set(sources[0].shapes)
         # visual_weight.bin's extras (other tokenizer parts) are known; from the tokenizer
         # file only the selector is used.
         extra = lambda k: k in tokenizer_keys or KNOWN_EXTRAS["understanding"](k)  # noqa: E731
-        return _Plan(name, module, sources, known_extra=extra, quant_bits=bits), config
+        return _Plan(name, module, sources, known_extra=extra, quant_bits=bits)
     source = LazyTensors(ckpt.file(name))
+    module = build_component(name, config, str(source.path))
     if name == "eva":
-        config = EVAConfig.from_shapes(source.shapes, heads)
-        module = build_component("eva", LaVITConfig(vision=config), str(source.path))
         source = SanitizedTensors(source, module.sanitize)
-        return _Plan(name, module, [source], quant_bits=bits), config
-    if name == "tokenizer":
-        config = TokenizerConfig.from_shapes(source.shapes, heads, str(source.path))
-        module = DynamicVisualTokenizer(config, quantizer=True)
-        return _Plan(name, module, [source], known_extra=KNOWN_EXTRAS["tokenizer"], quant_bits=bits), config
-    config = VQDecoderConfig.from_shapes(source.shapes, heads, str(source.path))
-    return _Plan(name, VQDecoder(config), [source], quant_bits=bits), config
+    return _Plan(name, module, [source], known_extra=KNOWN_EXTRAS.get(name), quant_bits=bits)
 
 
 def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
@@ -270,18 +257,15 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
         ckpt.file("tokenizer")  # the codebook is always written
     dtype = DTYPES[options.dtype] if options.dtype else None
 
-    llm_config = {}
-    if (ckpt.path / "language_model" / "config.json").is_file():
-        llm_config = read_json(ckpt.path / "language_model" / "config.json")
+    source_config = ckpt.config(heads)
     vision_bits = 8 if options.quantize_vision else None
 
     # Pass 1: check everything before writing anything.
-    plans, configs = [], {}
+    plans = []
     for component in (c for c in requested if c in VISION):
-        plan, config = _vision_plan(ckpt, component, heads, vision_bits)
+        plan = _vision_plan(ckpt, component, source_config, vision_bits)
         _check_keys(plan)
         plans.append(plan)
-        configs[component] = config
     llm_plan = _llm_plan(ckpt, options) if "llm" in requested else None
     if llm_plan is not None:
         check_quantizable(llm_plan[0])
@@ -306,45 +290,39 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
             if progress:
                 progress(component)
             _write_pixel(ckpt, component, parts, staging / RELEASE_FOLDERS[component], dtype, report)
-        token_ids = TokenIds.for_vocab(int(llm_config["vocab_size"])) if "vocab_size" in llm_config else TokenIds()
+        config = _written_config(source_config, requested, options, llm_plan is not None, bool(pixel_plans))
         top = {
             "format": MLX_FORMAT["name"],
             "format_version": MLX_FORMAT["version"],
+            **config.to_dict(),
             "dtype": report.dtype if options.dtype is None else options.dtype,
-            "vision_heads": _stored_heads(configs),
             "components": list(requested),
-            "token_ids": token_ids.to_dict(),
-            "quantization": {
-                "llm": {"bits": options.quantize, "group_size": options.group_size} if options.quantize and llm_plan else None,
-                "vision": {"bits": 8, "group_size": 64} if vision_bits else None,
-                "unet": {"bits": 8, "group_size": 64} if options.quantize_unet and pixel_plans else None,
-            },
             "unquantized_layers": report.unquantized,
             "quantized_layers": report.quantized,
             "source": str(ckpt.path),
         }
-        for component in ("eva", "lowres_decoder", "highres_decoder"):
-            if component in configs:
-                top[component] = configs[component].to_dict()
-        tokenizer_config = configs.get("tokenizer") or configs.get("understanding")
-        if tokenizer_config is not None:
-            top["tokenizer"] = tokenizer_config.to_dict()
-        # Every size in one place (the folders keep their own configs for their loaders).
-        if llm_plan is not None:
-            top["llm"] = llm_plan[1]
-        for component in pixel_plans:
-            folder = ckpt.folder(component)
-            top[component] = {sub: json.loads((folder / sub / "config.json").read_text()) for sub in ("unet", "vae")}
         (staging / "config.json").write_text(json.dumps(top, indent=2))
         write_manifest(staging, MLX_FORMAT["manifest"])
         report.bytes_written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
     return report
 
 
-def _stored_heads(configs: dict) -> Optional[int]:
-    """The vision head count the converted components were built with (None: no vision part)."""
-    heads = {c.num_heads for c in configs.values()}
-    return heads.pop() if len(heads) == 1 else None
+def _written_config(source: LaVITConfig, requested, options: ConvertOptions, llm: bool, pixel: bool) -> LaVITConfig:
+    """The source's config with only the converted components, and how they are stored."""
+    config = LaVITConfig(token_ids=source.token_ids)
+    for name in requested:
+        field_name = {"eva": "vision", "understanding": "tokenizer"}.get(name, name)
+        setattr(config, field_name, getattr(source, field_name))
+    if "understanding" in requested:
+        config.understanding_dim = source.understanding_dim
+    if "tokenizer" not in requested and "understanding" not in requested and source.tokenizer is not None:
+        config.tokenizer = None
+    config.quantization = QuantizationConfig(
+        llm={"bits": options.quantize, "group_size": options.group_size} if options.quantize and llm else None,
+        vision={"bits": 8, "group_size": 64} if options.quantize_vision else None,
+        unet={"bits": 8, "group_size": 64} if options.quantize_unet and pixel else None,
+    )
+    return config
 
 
 def _llm_plan(ckpt: Checkpoint, options: ConvertOptions) -> tuple:

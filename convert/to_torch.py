@@ -135,7 +135,7 @@ def convert_to_torch(src, out, force: bool = False, safetensors: bool = False,
     ckpt = Checkpoint.open(src)
     if ckpt.kind != "mlx":
         raise LaVITError(f"{src} is not an MLX folder (convert a released checkpoint with `lavit convert SRC OUT`)")
-    for group, quantization in (ckpt.config.get("quantization") or {}).items():
+    for group, quantization in (ckpt.stored.get("quantization") or {}).items():
         if quantization and progress:
             progress(f"note: the {group} weights are stored {quantization['bits']}-bit; they are dequantized "
                      "(the quantization error stays, the output is not the original model)")

@@ -59,22 +59,22 @@ class Checkpoint:
         release's width, or unknown (building that component then asks for it).
         """
         config = LaVITConfig()
-        try:
-            if self.has("eva"):
-                config.vision = EVAConfig.from_shapes(_from_torch_layout(self.shapes("eva")), vision_heads)
-            if self.has("tokenizer"):
-                config.tokenizer = TokenizerConfig.from_shapes(self.shapes("tokenizer"), vision_heads)
-            if self.has("understanding"):
-                overlay = self.shapes("understanding")
-                if "vit_proj.weight" in overlay:
-                    config.understanding_dim = overlay["vit_proj.weight"][0]
-                if config.tokenizer is None:
-                    config.tokenizer = TokenizerConfig.from_shapes(overlay, vision_heads)
-            for name in ("lowres_decoder", "highres_decoder"):
-                if self.has(name):
-                    setattr(config, name, VQDecoderConfig.from_shapes(self.shapes(name), vision_heads))
-        except KeyError as exc:
-            raise CheckpointError(f"{self.path}: a vision weight file lacks key {exc}") from None
+
+        def infer(name, read):
+            try:
+                return read(self.shapes(name))
+            except KeyError as exc:
+                raise CheckpointError(f"{self.file(name)}: missing key {exc}") from None
+
+        if self.has("eva"):
+            config.vision = infer("eva", lambda shapes: EVAConfig.from_shapes(_from_torch_layout(shapes), vision_heads))
+        if self.has("tokenizer"):
+            config.tokenizer = infer("tokenizer", lambda shapes: TokenizerConfig.from_shapes(shapes, vision_heads))
+        if self.has("understanding"):
+            config.understanding_dim = infer("understanding", lambda shapes: shapes["vit_proj.weight"][0])
+        for name in ("lowres_decoder", "highres_decoder"):
+            if self.has(name):
+                setattr(config, name, infer(name, lambda shapes: VQDecoderConfig.from_shapes(shapes, vision_heads)))
         if self.has("llm") and (self.folder("llm") / "config.json").is_file():
             config.llm = LLMConfig.from_hf(read_json(self.folder("llm") / "config.json"),
                                            str(self.folder("llm") / "config.json"))

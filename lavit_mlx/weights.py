@@ -1,6 +1,6 @@
 """Weight files in and out of MLX modules, strictly.
 
-`.safetensors` are read by MLX itself. `.bin` pickles are read by `lavit_convert.torch_io`
+`.safetensors` are read by MLX itself. `.bin` pickles are read by `lavit_mlx.torch_pickle`
 (torch, `weights_only=True`), imported only when such a file is met, so this package
 runs without torch on MLX-format folders.
 """
@@ -142,4 +142,6 @@ def load_strict(
     ]
     module.load_weights(loaded, strict=True)
     mx.eval(module.parameters())
-    return module
+    # MLX builds modules in training mode; loaded weights are for inference until a
+    # trainer says otherwise (the tokenizer samples its selection in training mode)
+    return module.eval()

@@ -62,13 +62,6 @@ def checkpoint_copy(official_checkpoint, tmp_path):
     return make
 
 
-def replace_file(path: Path, writer) -> None:
-    """Replace a (symlinked) file of a checkpoint copy with new content."""
-    if path.is_symlink():
-        path.unlink()
-    writer(path)
-
-
 @pytest.fixture
 def cli(tmp_path):
     """Run the `lavit` command in a subprocess: returns (returncode, stdout, stderr)."""

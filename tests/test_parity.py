@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-PARITY = Path(__file__).with_name("parity.py")
+from support import run_parity
 
 # Keys the built components must pass (later issues add to this list).
 TOKENIZER_KEYS = [
@@ -22,15 +22,6 @@ TOKENIZER_KEYS = [
 ]
 
 
-def run_parity(fixture: Path, *extra: str):
-    proc = subprocess.run([sys.executable, str(PARITY), str(fixture), *extra],
-                          capture_output=True, text=True, timeout=600)
-    status = {}
-    for line in proc.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[1] in ("ok", "FAIL", "SKIP"):
-            status[parts[0]] = parts[1]
-    return proc, status
 
 
 def test_official_tiny(official_tiny):
@@ -100,7 +91,7 @@ def test_generated_fixture(tmp_path, dtype, width, heads):
     """Another size, head count, weight dtype and image: parity.py works unchanged."""
     import torch
 
-    from fixture_builder import build_fixture
+    from support.fixture_builder import build_fixture
     from lavit_train.tiny import TinySpec
 
     spec = TinySpec(width=width, heads=heads, eva_depth=3, merger_depth=2, dtype=getattr(torch, dtype),

@@ -282,6 +282,15 @@ def _load(path: str, how: str) -> None:
         )
 
 
+def sgemm_calls() -> Optional[int]:
+    """float32 products MLX has sent through lavit's BLAS shim so far (None without the shim)."""
+    shim = next((h for h in _HANDLES if hasattr(h, "lavit_blas_sgemm_calls")), None)
+    if shim is None:
+        return None
+    shim.lavit_blas_sgemm_calls.restype = ctypes.c_long
+    return int(shim.lavit_blas_sgemm_calls())
+
+
 def measure_gflops(size: int = 1024, repeats: int = 5) -> float:
     """Measured float32 matmul throughput of MLX on its default device (GFLOP/s)."""
     import mlx.core as mx

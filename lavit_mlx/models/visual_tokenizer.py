@@ -297,9 +297,12 @@ class DynamicVisualTokenizer(nn.Module):
             result.codes = [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             result.quantized = self.quantize.embedding(mx.array(codes.astype(np.int32)))
             if codes.size:
-                kept_distances = mx.take(out.distances.reshape(B * N, -1), flat_index, axis=0)
-                best_two = mx.sort(kept_distances, axis=-1)[:, :2]
-                result.code_margin = float(mx.min(best_two[:, 1] - best_two[:, 0]))
+                # best and second-best distance of the kept rows: two minima, no sort
+                kept = mx.take(out.distances.reshape(B * N, -1), flat_index, axis=0)
+                best = mx.min(kept, axis=-1, keepdims=True)
+                first = mx.argmin(kept, axis=-1, keepdims=True)
+                others = mx.put_along_axis(kept, first, mx.array(float("inf"), kept.dtype), axis=-1)
+                result.code_margin = float(mx.min(mx.min(others, axis=-1, keepdims=True) - best))
         if out.visual_embeds is not None:
             embeds = mx.take(out.visual_embeds.reshape(B * N, -1), flat_index, axis=0)
             result.visual_embeds = [embeds[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from data_builders import img2dataset_shard
+from support.data_builders import img2dataset_shard
 
 
 @pytest.fixture

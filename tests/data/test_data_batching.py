@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from data_builders import caption_manifest
+from support.data_builders import caption_manifest
 
 from lavit_mlx.data import DataStream, batches, bucket_length, merge_states, pad_batch
 from lavit_mlx.errors import LaVITError

@@ -11,7 +11,7 @@ import json
 from collections import Counter
 
 import pytest
-from data_builders import caption_manifest, write_manifest
+from support.data_builders import caption_manifest, write_manifest
 
 from lavit_mlx.data import DataStream, merge_states
 from lavit_mlx.errors import LaVITError

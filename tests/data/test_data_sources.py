@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from data_builders import (caption_manifest, image_bytes, img2dataset_shard, write_manifest,
+from support.data_builders import (caption_manifest, image_bytes, img2dataset_shard, write_manifest,
                            write_tar)
 
 from lavit_mlx.data import DataStream, expand_braces

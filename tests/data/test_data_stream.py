@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from data_builders import caption_manifest, ids, image_bytes, write_tar
+from support.data_builders import caption_manifest, ids, image_bytes, write_tar
 
 import lavit_mlx.data.stream as stream_module
 from lavit_mlx.data import DataStream, format_stats

@@ -9,19 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import replace_file
-from test_image_processing import png_header_only
+from support import assert_one_line_error, png_header_only, replace_file
 
 COMMANDS = ["info", "tokenize"]
-
-
-def assert_one_line_error(code, out, err, *fragments):
-    assert code != 0
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_version_and_help(cli):

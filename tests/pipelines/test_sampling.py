@@ -30,7 +30,7 @@ from lavit_mlx.image_tokens import (
     visual_codes,
 )
 from lavit_mlx.sampling import TextDecoding, beam_search, generate_text, stream_text, visual_suppression
-from test_llm import TINY_IDS, tiny_llama
+from support.tiny_llama import TINY_IDS, tiny_llama
 
 IDS = TINY_IDS
 HIDDEN = 64

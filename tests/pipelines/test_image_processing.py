@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from lavit_mlx.errors import ImageError
+from support import png_header_only
 from lavit_mlx.image_processing import CLIP_MEAN, CLIP_STD, load_image, load_images, preprocess
 
 
@@ -103,14 +104,6 @@ def test_pil_images_are_accepted():
 
 
 # ------------------------------------------------------------------ bad input
-def png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     "name,content,message",
     [

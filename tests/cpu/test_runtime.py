@@ -26,13 +26,14 @@ def _python(code: str, env=None) -> str:
 
 @linux
 def test_library_import_gets_a_fast_blas():
-    """`import lavit_mlx` from plain Python (no CLI, no re-exec) gives MLX an OpenBLAS."""
-    out = _python("import lavit_mlx; from lavit_mlx.cpu import runtime as r; "
-                  "print(r.STATE.library, '|', round(r.measure_gflops()))")
-    library, gflops = out.rsplit("|", 1)
-    assert "OpenBLAS" in library
-    # The reference BLAS does 3-8 GFLOP/s here; any OpenBLAS kernel is > 20x that.
-    assert int(gflops) > 60
+    """`import lavit_mlx` from plain Python (no CLI, no re-exec) sends MLX's matmuls to an
+    OpenBLAS: counted by the shim, not timed (a loaded machine makes timings meaningless)."""
+    out = _python("import lavit_mlx, mlx.core as mx; from lavit_mlx.cpu import runtime as r; "
+                  "before = r.sgemm_calls(); mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); "
+                  "print(r.STATE.library, '|', before, r.sgemm_calls())")
+    library, counts = out.rsplit("|", 1)
+    before, after = map(int, counts.split())
+    assert "OpenBLAS" in library and after == before + 1
 
 
 @linux

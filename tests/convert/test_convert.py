@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import lavit_mlx
-from conftest import replace_file
+from support import replace_file
 from lavit_convert import to_mlx
 from lavit_convert.to_mlx import ConvertOptions, convert_to_mlx
 from lavit_convert.to_torch import convert_to_torch
 from lavit_convert.writer import PARTIAL_PREFIX
 from lavit_mlx.errors import CheckpointError, LaVITError
-from test_parity import run_parity
+from support import run_parity
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,16 @@ def llm_weights(folder):
 
 def test_layout_and_config(converted):
     config = json.loads((converted / "config.json").read_text())
-    assert config["format"] == "lavit-mlx" and config["format_version"] == 1
-    assert config["vision_heads"] == 2 and config["eva"]["width"] == 96
+    assert config["format"] == "lavit-mlx" and config["format_version"] == 2
+    assert config["vision"]["num_heads"] == 2 and config["vision"]["width"] == 96
+    assert config["tokenizer"]["num_heads"] == 2 and config["understanding_dim"] == 64
     assert config["token_ids"]["num_text"] == 32000
     assert config["llm"]["hidden_size"] == 64 and config["highres_pixel"]["unet"]["cross_attention_dim"] == 2048
+    assert config["lowres_pixel"]["scheduler"]["_class_name"] == "DDIMScheduler"
+    # the stored config is the one the model is built from
+    from lavit_mlx.config import LaVITConfig
+
+    assert lavit_mlx.load(converted).config == LaVITConfig.from_dict(config)
     for name in ("eva", "tokenizer", "understanding", "lowres_decoder", "highres_decoder", "codebook"):
         assert (converted / f"{name}.safetensors").is_file()
     # one output shard per input shard (the fixture's LLM has two)
@@ -130,7 +136,7 @@ def test_quantized_conversion(official_checkpoint, tmp_path):
     generated = generate_image_tokens(lm, [model.text_tokenizer.encode("a red car")],
                                       ImageTokenDecoding(max_new_tokens=24), seed=0)
     assert 20 <= len(generated[0]) <= 24
-    logits = model.llm_logits(input_ids=[[1, 319, 2654]])
+    logits = model.llm(input_ids=mx.array([[1, 319, 2654]]))
     assert logits.shape == (1, 3, 48386) and bool(mx.all(mx.isfinite(logits)))
 
 

@@ -31,7 +31,8 @@ def assert_close(ours, ref, tol=1e-4):
 @pytest.mark.parametrize("spec", [TinySpec(width=64, heads=4), TinySpec(width=96, heads=2, eva_depth=1, merger_depth=3)])
 def test_mlx_matches_mirror_on_a_batch(spec):
     t_eva, t_tok, t_und = build_vision(spec)
-    m_eva = to_mlx(t_eva, EVAVisionTransformer(spec.eva_config()), EVAVisionTransformer.sanitize)
+    m_eva = EVAVisionTransformer(spec.eva_config())
+    m_eva = to_mlx(t_eva, m_eva, m_eva.sanitize)
     m_tok = to_mlx(t_tok, DynamicVisualTokenizer(spec.tokenizer_config()))
     m_und = to_mlx(t_und, DynamicVisualTokenizer(spec.tokenizer_config(), quantizer=False, llm_hidden=spec.llm_hidden))
     pixels = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
@@ -39,7 +40,7 @@ def test_mlx_matches_mirror_on_a_batch(spec):
         t_feat = t_eva(torch.from_numpy(pixels))
         t_out, t_uout = t_tok(t_feat[:, 1:]), t_und(t_feat[:, 1:])
     m_feat = m_eva(mx.array(pixels))
-    m_out, m_uout = m_tok(m_feat[:, 1:]), m_und(m_feat[:, 1:])
+    m_out, m_uout = m_tok.tokenize(m_feat[:, 1:]), m_und.tokenize(m_feat[:, 1:])
 
     assert m_feat.dtype == mx.float32 and m_feat.shape == (3, 257, spec.width)
     assert_close(m_feat, t_feat)
@@ -93,10 +94,10 @@ def test_sampling_is_seeded(tiny_release, tmp_path):
 def test_image_with_no_kept_patch(tiny_release):
     model = lavit_mlx.load(tiny_release, vision_heads=4)
     features = model.encode(np.zeros((2, 3, 224, 224), np.float32))[:, 1:]
-    out = model.tokenizer(features, keep_mask=mx.zeros((2, 256)))
+    out = model.tokenizer.tokenize(features, keep=mx.zeros((2, 256)))
     assert [len(c) for c in out.codes] == [0, 0]
     keep = mx.concatenate([mx.zeros((1, 256)), mx.ones((1, 256))])
-    out = model.tokenizer(features, keep_mask=keep)
+    out = model.tokenizer.tokenize(features, keep=keep)
     assert [len(c) for c in out.codes] == [0, 256]
 
 

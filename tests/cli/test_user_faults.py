@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_cli import assert_one_line_error
+from support import assert_one_line_error
 
 TINY = ["--vision-heads", "2"]
 
