@@ -86,10 +86,12 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, num_groups: int, e
     if cpu_kernels(x):
         return _kernels.group_norm(x, weight, bias, num_groups, eps, apply_silu)
     B, C = x.shape[0], x.shape[-1]
-    grouped = x.reshape(B, -1, num_groups, C // num_groups)
+    # Statistics in float32, as torch's GroupNorm: in float16 the squares of activations
+    # past 256 overflow, the variance becomes inf and the whole group normalises to 0.
+    grouped = x.reshape(B, -1, num_groups, C // num_groups).astype(mx.float32)
     mean = mx.mean(grouped, axis=(1, 3), keepdims=True)
     var = mx.var(grouped, axis=(1, 3), keepdims=True)
-    y = ((grouped - mean) * mx.rsqrt(var + eps)).reshape(x.shape) * weight + bias
+    y = ((grouped - mean) * mx.rsqrt(var + eps)).reshape(x.shape).astype(x.dtype) * weight + bias
     return y * mx.sigmoid(y) if apply_silu else y
 
 
