@@ -1,6 +1,6 @@
 """float16 and bfloat16 against float32, on official-tiny weights cast to each dtype.
 
-A GPU runs the LLM and the UNets at their stored half precision (`LaVIT.large_model_dtype`),
+A GPU runs the LLM and the UNets at their stored half precision (`lavit_mlx.loading.compute_dtype`),
 and MLX's own operations there; the CPU's float32 kernels never see a half array. Every
 transformer component runs under `ops.native_ops()` here, so that the float32 parts that
 MLX promotes to (see below) take the GPU's operations too; a half UNet takes them by its
@@ -24,7 +24,6 @@ from mlx.utils import tree_flatten
 
 import lavit_mlx
 from lavit_mlx import ops
-from lavit_mlx.lavit import LaVIT
 from lavit_mlx.models.llm import load_language_model
 from lavit_mlx.models.unet import load_unet
 
@@ -108,9 +107,9 @@ def test_eva_selector_merger_at_half(dtype_name, gpu_ops, official_checkpoint, e
     # The fixture's keep mask, so that a legitimately flipped near-tie (below) does not
     # change which tokens are compared.
     keep = mx.array(expected["keep_mask"])
-    out = model.tokenizer(patches, keep_mask=keep)
+    out = model.tokenizer.tokenize(patches, keep=keep)
     assert max_rel(out.merged, expected["merged_features"]) <= tol
-    understanding = model.understanding(patches, keep_mask=keep)
+    understanding = model.understanding.tokenize(patches, keep=keep)
     assert max_rel(understanding.visual_embeds[0], expected["understanding_visual_embeds"]) <= tol
 
 
@@ -138,7 +137,7 @@ def test_codes_at_half_change_only_at_near_ties(dtype_name, gpu_ops, official_ch
     dtype = DTYPES[dtype_name]
     model = half_model(official_checkpoint, facts, dtype, "eva", "tokenizer")
     features = model.eva(mx.array(expected["pixel_values"]).astype(dtype))[:, 1:]
-    codes = model.tokenizer(features, keep_mask=mx.array(expected["keep_mask"])).codes[0]
+    codes = model.tokenizer.tokenize(features, keep=mx.array(expected["keep_mask"])).codes[0]
     reference_codes = np.array(facts["code_ids"])
     assert codes.shape == reference_codes.shape
 
@@ -270,7 +269,9 @@ def test_pixel_decoder_half_unet_float32_vae(dtype_name, highres, official_check
                                              monkeypatch):
     """The GPU path of `LaVIT.pixel_decoder`: UNet at the large-model dtype, VAE in float32."""
     dtype = DTYPES[dtype_name]
-    monkeypatch.setattr(LaVIT, "large_model_dtype", property(lambda self: dtype))
+    import lavit_mlx.loading as loading
+
+    monkeypatch.setattr(loading, "compute_dtype", lambda large: dtype if large else mx.float32)
     decoder = lavit_mlx.load(official_checkpoint).pixel_decoder(highres)
     assert decoder.unet.conv_in.weight.dtype == dtype
     assert {v.dtype for _, v in tree_flatten(decoder.vae.parameters())} == {mx.float32}
