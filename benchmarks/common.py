@@ -2,11 +2,12 @@
 
 Each benchmark script is its own parent and its own workers. The parent writes the
 weights once, then runs `python SCRIPT --worker NAME ...` once per framework and round
-(`run_rounds`: A B, then B A, so a burst of load on a shared machine hits both sides)
-and measures each worker's peak resident memory from outside (`os.wait4`). A worker
-(`serve`) sets its framework up, runs the benchmark's function, then describes itself:
-BLAS library, its kernel, a measured float32 1024^2 matmul, the allocator. `print_header`
-is built from those descriptions, so it describes the processes that ran the benchmark.
+(`run_rounds`: A B, then B A, so a burst of load on a shared machine hits both sides).
+A worker (`serve`) sets its framework up, runs the benchmark's function, notes its peak
+resident memory so far, then describes itself: BLAS library, its kernel, a measured
+float32 1024^2 matmul, the allocator. `print_header` is built from those descriptions,
+so it describes the processes that ran the benchmark. Other commands (`lavit generate`)
+are measured from outside (`run_measured`, `os.wait4`).
 
 Same allocator on both sides: importing `lavit_mlx` tunes glibc malloc in the MLX
 process with `mallopt` (`lavit_mlx.cpu.runtime.MALLOC_TUNING`); a PyTorch worker calls
@@ -35,6 +36,7 @@ MALLOPT_NAMES = {-1: "M_TRIM_THRESHOLD", -2: "M_TOP_PAD", -3: "M_MMAP_THRESHOLD"
 VERSIONS = ("numpy", "mlx", "mlx-lm", "torch", "transformers", "diffusers")
 MATMUL_SIZE = 1024
 GIB = 2**30
+_RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -65,7 +67,7 @@ class WorkerRun:
     worker: Worker
     result: dict  # what the benchmark's work function returned
     environment: dict  # the worker's description of itself (`describe_process`)
-    peak_rss: int  # bytes, the whole process
+    peak_rss: int  # bytes: the process' peak until its work was done (not counting the description)
     seconds: float  # wall time of the process
     folder: Path  # where the worker could leave files (arrays to compare)
 
@@ -85,8 +87,7 @@ def run_measured(cmd: Sequence, env: Optional[Dict[str, str]] = None) -> Measure
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return Measured(proc.returncode, usage.ru_maxrss * unit, seconds)
+    return Measured(proc.returncode, usage.ru_maxrss * _RSS_UNIT, seconds)
 
 
 def run_worker(script: str, worker: Worker, argv: Sequence[str], folder: Path) -> WorkerRun:
@@ -99,7 +100,7 @@ def run_worker(script: str, worker: Worker, argv: Sequence[str], folder: Path) -
     if measured.returncode:
         raise SystemExit(f"the {worker.name} worker failed (exit code {measured.returncode}); its output is above")
     payload = json.loads((folder / "result.json").read_text())
-    return WorkerRun(worker, payload["result"], payload["environment"], measured.peak_rss, measured.seconds, folder)
+    return WorkerRun(worker, payload["result"], payload["environment"], payload["peak_rss"], measured.seconds, folder)
 
 
 def run_rounds(script: str, workers: Sequence[Worker], argv: Sequence[str], folder: Path,
@@ -179,10 +180,18 @@ def serve(args: argparse.Namespace, work: Callable[[argparse.Namespace], dict]) 
 
     malloc_tuned = runtime.STATE.malloc_tuned if "mlx" in frameworks else runtime.tune_malloc()
     result = work(args)
+    peak_rss = peak_rss_so_far()
     environment = describe_process(frameworks)
     environment["malloc_tuned"] = malloc_tuned
-    payload = {"result": result, "environment": environment}
+    payload = {"result": result, "environment": environment, "peak_rss": peak_rss}
     (Path(args.out) / "result.json").write_text(json.dumps(payload))
+
+
+def peak_rss_so_far() -> int:
+    """This process' peak resident memory until now, in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
 
 
 def describe_process(frameworks: Sequence[str]) -> dict:
