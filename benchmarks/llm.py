@@ -61,8 +61,8 @@ def llama_config(args) -> dict:
 
 def make_model_folder(args, folder: Path) -> int:
     """Random weights (normal, std 0.02; norms 1) as a transformers folder; returns the parameter count."""
-    import torch
-    from safetensors.torch import save_file
+    import numpy as np
+    from safetensors.numpy import save_file
 
     config = llama_config(args)
     h, m, n = args.hidden, args.intermediate, args.layers
@@ -75,14 +75,15 @@ def make_model_folder(args, folder: Path) -> int:
             p + "mlp.gate_proj.weight": (m, h), p + "mlp.up_proj.weight": (m, h), p + "mlp.down_proj.weight": (h, m),
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
         })
-    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
     state = {
-        k: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()
+        k: np.ones(s, np.float32) if len(s) == 1 else rng.standard_normal(s, np.float32) * np.float32(0.02)
+        for k, s in shapes.items()
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config))
-    return sum(v.numel() for v in state.values())
+    return sum(v.size for v in state.values())
 
 
 def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
