@@ -196,20 +196,25 @@ def peak_rss_so_far() -> int:
 
 def describe_process(frameworks: Sequence[str]) -> dict:
     """This process: versions, and per framework its BLAS, kernel and measured matmul speed."""
+    from lavit_mlx.cpu import runtime
+
     description: Dict[str, Any] = {"python": platform.python_version(), "versions": package_versions()}
     if "mlx" in frameworks:
         import mlx.core as mx
 
-        from lavit_mlx.cpu import runtime
-
-        description["mlx"] = {"blas": runtime.blas_line(measure=False), "gflops": runtime.measure_gflops(MATMUL_SIZE),
-                              "device": str(mx.default_device()), "warnings": list(runtime.STATE.warnings),
-                              "openblas_loaded": runtime.STATE.path is not None}
+        threads = "".join(f", {k}={os.environ[k]}" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+                          if k in os.environ)
+        description["mlx"] = {"blas": runtime.blas_line(measure=False) + threads,
+                              "gflops": runtime.measure_gflops(MATMUL_SIZE), "device": str(mx.default_device()),
+                              "warnings": list(runtime.STATE.warnings)}
     if "torch" in frameworks:
         import torch
 
-        description["torch"] = {"blas": torch_blas(), "gflops": torch_gflops(MATMUL_SIZE),
-                                "threads": torch.get_num_threads()}
+        threads = torch.get_num_threads()
+        blas = f"{torch_blas()}, {threads} thread{'s' if threads != 1 else ''}"
+        if runtime.STATE.path:
+            blas += " (lavit's OpenBLAS is loaded in this process too)"
+        description["torch"] = {"blas": blas, "gflops": torch_gflops(MATMUL_SIZE)}
     return description
 
 
@@ -329,8 +334,7 @@ def header_lines(title: str, runs: Dict[str, List[WorkerRun]]) -> List[str]:
             described = True
             facts = [run.environment[framework] for run in worker_runs]
             speed = _spread([f["gflops"] for f in facts], "GFLOP/s")
-            threads = f", {facts[0]['threads']} threads" if "threads" in facts[0] else ""
-            lines.append(f"{label} BLAS ({name} worker): {facts[0]['blas']}{threads}; "
+            lines.append(f"{label} BLAS ({name} worker): {facts[0]['blas']}; "
                          f"float32 {MATMUL_SIZE}^2 matmul {speed}")
             lines += [f"warning ({name} worker): {w}" for w in facts[0].get("warnings", [])]
         if not described:

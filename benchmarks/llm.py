@@ -1,4 +1,4 @@
-"""LLM throughput: MLX (lavit_mlx) vs transformers, same random weights, one run.
+"""LLM throughput: MLX (lavit_mlx) vs transformers, same random weights.
 
     python benchmarks/llm.py [--hidden 2048 --layers 16 --intermediate 5504 --heads 16]
                              [--prompt-tokens 128 --new-tokens 16 --image-tokens 16]
@@ -144,13 +144,8 @@ def mlx_worker(args) -> dict:
     out["read_bytes_per_token"] = out["weight_bytes"] - lm.model.model.embed_tokens.weight.nbytes
 
     ids = mx.array([prompt_ids(args.prompt_tokens)])
-    best = float("inf")
-    for _ in range(2):
-        cache = lm.make_cache([0])
-        start = time.perf_counter()
-        mx.eval(lm(input_ids=ids, cache=cache)[:, -1])
-        best = min(best, time.perf_counter() - start)
-    out["prefill"] = args.prompt_tokens / best
+    prefill = common.timed(lambda: mx.eval(lm(input_ids=ids, cache=lm.make_cache([0]))[:, -1]), max(args.repeats, 2))
+    out["prefill"] = args.prompt_tokens / prefill.best
 
     decode(lm, 2)  # warm-up
     runs = [decode(lm, args.new_tokens) for _ in range(args.repeats)]
@@ -167,7 +162,7 @@ def mlx_worker(args) -> dict:
             if rate > out.get(name, 0.0):
                 out[name], out[name + "_total"] = rate, total
             out[name + "_tokens"] = [t[0] for t in tokens]
-    del lm, cache
+    lm = None  # frees the float32 model before the quantized ones load
     mx.clear_cache()
 
     for bits in (8, 4):
@@ -176,7 +171,7 @@ def mlx_worker(args) -> dict:
         out[f"q{bits}_skipped"] = lm.quantization.skipped
         decode(lm, 2)
         out[f"q{bits}_decode"] = decode(lm, args.quantized_tokens)[1]
-        del lm
+        lm = None
         mx.clear_cache()
     return out
 
@@ -190,12 +185,8 @@ def torch_worker(args) -> dict:
     out = {"read_bandwidth": read_bandwidth(args.bandwidth_mib * 2**20)}
     model = LlamaForCausalLM.from_pretrained(args.folder, torch_dtype=torch.float32).eval()
     ids = torch.tensor([prompt_ids(args.prompt_tokens)])
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=True)
-        best = min(best, time.perf_counter() - start)
-    out["prefill"] = args.prompt_tokens / best
+    prefill = common.timed(lambda: model(input_ids=ids, use_cache=True), max(args.repeats, 2))
+    out["prefill"] = args.prompt_tokens / prefill.best
 
     def decode(count):
         embeds = model.model.embed_tokens(torch.tensor([prompt_ids(args.decode_prompt_tokens, seed=1)]))

@@ -229,8 +229,8 @@ def main():
         if len(runs) == 2:
             ours, ref = outputs[("mlx", component)], outputs[("torch", component)]
             diff = f"{np.abs(ours - ref).max() / np.abs(ref).max():.1e}"
-        fmt = lambda s: f"{s:.3f}" if s else None  # noqa: E731
-        rows.append([labels[component], fmt(mlx_s), fmt(torch_s), common.ratio(torch_s, mlx_s), diff])
+        rows.append([labels[component], mlx_s and f"{mlx_s:.3f}", torch_s and f"{torch_s:.3f}",
+                     common.ratio(torch_s, mlx_s), diff])
     common.print_table(["step", "MLX s", "diffusers s", "MLX speed vs diffusers", "max rel diff"], rows)
     if args.quick:
         print("(--quick: skipping the `lavit generate` memory line)")

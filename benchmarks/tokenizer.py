@@ -132,8 +132,8 @@ def main():
         args.weights = str(weights)
         runs = common.run_rounds(__file__, [common.MLX, common.TORCH], common.forward(args), Path(tmp), args.rounds)
 
-    common.print_header(f"visual tokenizer: EVA {args.eva_depth} blocks x {args.width}, merger {args.merger_depth} "
-                        f"blocks, {args.heads} heads, float32, images -> codes", runs)
+    common.print_header(f"visual tokenizer: EVA {args.eva_depth} x {args.width} wide blocks, merger "
+                        f"{args.merger_depth} blocks, {args.heads} heads, float32, images -> codes", runs)
     mlx_speed = common.best_by_key(runs["mlx"], "speed", better=lambda rows: max(rows, key=lambda r: r[0]))
     torch_speed = common.best_by_key(runs["torch"], "speed", better=lambda rows: max(rows, key=lambda r: r[0]))
     rows = []
