@@ -59,48 +59,62 @@ def make_weights(args, path: Path) -> None:
     save_file(state, str(path))
 
 
+def mlx_tokenizer(args):
+    """The MLX pipeline on the saved weights: pixels (B, 3, 224, 224) -> (codes per image, keep mask)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from lavit_mlx.models.eva_vit import EVAVisionTransformer
+    from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
+    from lavit_mlx.weights import load_strict
+
+    eva_cfg, tok_cfg = configs(args)
+    state = mx.load(args.weights)
+    eva = EVAVisionTransformer(eva_cfg)
+    tok = DynamicVisualTokenizer(tok_cfg)
+    load_strict(eva, eva.sanitize({k[4:]: v for k, v in state.items() if k.startswith("eva.")}), "eva")
+    load_strict(tok, {k[4:]: v for k, v in state.items() if k.startswith("tok.")}, "tok")
+    eva.eval()  # inference: the deterministic keep rule, as the mirror's eval()
+    tok.eval()
+    # The tokenizer's host-side entry point is being renamed to `tokenize` (its __call__
+    # becomes the differentiable forward); either gives per-image codes and the keep mask.
+    tokenize = getattr(tok, "tokenize", tok)
+
+    def run(pixels):
+        out = tokenize(eva(mx.array(pixels))[:, 1:])
+        return out.codes, np.array(out.keep_mask)
+
+    return run
+
+
+def torch_tokenizer(args):
+    """The PyTorch mirror (lavit_train) on the same weights, same signature as `mlx_tokenizer`."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lavit_train.models.eva_vit import EVAVisionTransformer
+    from lavit_train.models.visual_tokenizer import DynamicVisualTokenizer
+
+    eva_cfg, tok_cfg = configs(args)
+    torch.set_grad_enabled(False)
+    state = load_file(args.weights)
+    eva = EVAVisionTransformer(eva_cfg).eval()
+    tok = DynamicVisualTokenizer(tok_cfg).eval()
+    eva.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("eva.")})
+    tok.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tok.")})
+
+    def run(pixels):
+        out = tok(eva(torch.from_numpy(pixels))[:, 1:])
+        return [c.numpy() for c in out.codes], out.keep_mask.numpy()
+
+    return run
+
+
 def work(args) -> dict:
     """Time one framework: {"speed": {batch: [images/s, keep fraction]}, "codes": {batch: codes}}."""
     import numpy as np
 
-    eva_cfg, tok_cfg = configs(args)
-    weights = Path(args.weights)
-    if args.worker == "mlx":
-        import mlx.core as mx
-
-        from lavit_mlx.models.eva_vit import EVAVisionTransformer
-        from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
-        from lavit_mlx.weights import load_strict
-
-        state = mx.load(str(weights))
-        eva = EVAVisionTransformer(eva_cfg)
-        tok = DynamicVisualTokenizer(tok_cfg)
-        load_strict(eva, EVAVisionTransformer.sanitize({k[4:]: v for k, v in state.items() if k.startswith("eva.")}), "eva")
-        load_strict(tok, {k[4:]: v for k, v in state.items() if k.startswith("tok.")}, "tok")
-        del state
-
-        def run(pixels):
-            out = tok(eva(mx.array(pixels))[:, 1:])
-            return out.codes, np.array(out.keep_mask)
-    else:
-        import torch
-        from safetensors.torch import load_file
-
-        from lavit_train.models.eva_vit import EVAVisionTransformer
-        from lavit_train.models.visual_tokenizer import DynamicVisualTokenizer
-
-        torch.set_grad_enabled(False)
-        state = load_file(str(weights))
-        eva = EVAVisionTransformer(eva_cfg).eval()
-        tok = DynamicVisualTokenizer(tok_cfg).eval()
-        eva.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("eva.")})
-        tok.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tok.")})
-        del state
-
-        def run(pixels):
-            out = tok(eva(torch.from_numpy(pixels))[:, 1:])
-            return [c.numpy() for c in out.codes], out.keep_mask.numpy()
-
+    run = (mlx_tokenizer if args.worker == "mlx" else torch_tokenizer)(args)
     rng = np.random.default_rng(0)
     speed, codes = {}, {}
     for batch in args.batch_sizes:
