@@ -140,12 +140,15 @@ def add_arguments(parser: argparse.ArgumentParser, rounds: int = 1) -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
 
 
-def parse(parser: argparse.ArgumentParser, quick: Dict[str, Any]) -> argparse.Namespace:
-    """Parse the command line; with --quick, options left at their default take `quick`'s values."""
-    args = parser.parse_args()
+def parse(parser: argparse.ArgumentParser, quick: Dict[str, Any],
+          argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; with --quick, the options not given take `quick`'s values."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
     if args.quick and not args.worker:
         for dest, value in quick.items():
-            if getattr(args, dest) == parser.get_default(dest):
+            flags = [flag for action in parser._actions if action.dest == dest for flag in action.option_strings]
+            if not any(arg == flag or arg.startswith(flag + "=") for arg in argv for flag in flags):
                 setattr(args, dest, value)
     return args
 

@@ -9,6 +9,7 @@ step 50x slower.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -22,8 +23,6 @@ BENCHMARKS = ("tokenizer", "llm", "pixel", "convert")
 TIMEOUT = 120
 TABLE_RULE = re.compile(r"^\|(:?-{3,}:?\|)+$")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +48,7 @@ def quick_runs(tmp_path_factory):
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_quick_run_prints_header_then_table(quick_runs, name):
     code, stdout, stderr = quick_runs[name]
@@ -70,6 +70,7 @@ def test_quick_run_prints_header_then_table(quick_runs, name):
     assert first_row.startswith("| ") and re.search(r"\d", first_row), first_row
 
 
+@pytest.mark.slow
 def test_llm_bound_is_from_read_bandwidth(quick_runs):
     stdout = quick_runs["llm"][1]
     assert "copy bandwidth" not in stdout
@@ -77,8 +78,25 @@ def test_llm_bound_is_from_read_bandwidth(quick_runs):
     assert re.search(r"^\| decode bound: read bandwidth / weight bytes per token \(tokens/s\) \| \d", stdout, re.M)
 
 
+@pytest.mark.slow
 def test_pixel_reused_context_row_is_timed_on_both_sides(quick_runs):
     stdout = quick_runs["pixel"][1]
     row = next(line for line in stdout.splitlines() if line.startswith("| UNet step, context K/V projected once"))
     mlx_s, diffusers_s = row.split("|")[2:4]
     assert float(mlx_s) > 0 and float(diffusers_s) > 0, row
+
+
+def test_quick_sizes_yield_to_given_options_and_reach_the_workers():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    common.add_arguments(parser, rounds=2)
+    quick = dict(repeats=1, rounds=1, batch_sizes=[1, 2])
+    args = common.parse(parser, quick, ["--quick", "--rounds", "2", "--batch-sizes=4"])
+    assert (args.repeats, args.rounds, args.batch_sizes) == (1, 2, [4])  # a given option wins, even at its default
+    assert common.parse(parser, quick, ["--repeats", "5"]).batch_sizes == [1, 8]  # no --quick: defaults
+    assert common.forward(args) == ["--repeats=1", "--batch-sizes", "4"]  # the workers get the resolved sizes
+    assert parser.parse_args(common.forward(args)).batch_sizes == [4]
