@@ -1,28 +1,32 @@
 """Peak memory of `lavit convert` on a synthetic multi-GB checkpoint.
 
-    python benchmarks/convert.py [--hidden 3072] [--layers 16] [--shards 4]
+    python benchmarks/convert.py [--hidden 3072] [--layers 16] [--shards 4] [--quick]
 
 Writes a random LLaMA-shaped `language_model/` in the released layout (bfloat16 pickles
 in several shards, vocab 48386) plus the small vision files, converts it with
-`lavit convert --components llm` (float16, and 4-bit), and reports the peak resident
-memory of the conversion process next to the checkpoint and largest-shard sizes.
+`lavit convert --components llm` (float16, and 4-bit), each conversion a worker process
+of its own (`common.py`) that runs the CLI's `main`, and reports the peak resident
+memory of that process next to the checkpoint and largest-shard sizes. The header
+describes the conversion processes (they hold both MLX and torch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shutil
 import tempfile
 from pathlib import Path
 
-import torch
+import common
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import peak_rss_of  # noqa: E402
+CONVERSIONS = {"float16": [], "4-bit": ["--quantize", "4"]}
+QUICK = dict(hidden=128, layers=2, shards=2)
 
 
 def write_llm(folder: Path, hidden: int, layers: int, shards: int, vocab: int = 48386) -> tuple:
+    import torch
+
     folder.mkdir(parents=True)
     intermediate = int(hidden * 8 / 3) // 256 * 256
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -57,28 +61,53 @@ def write_llm(folder: Path, hidden: int, layers: int, shards: int, vocab: int = 
     return sum(sizes), max(sizes)
 
 
+def work(args) -> dict:
+    """One `lavit convert` run in this process; the conversion's own seconds."""
+    import time
+
+    from lavit_cli.cli import main as lavit
+
+    converted = Path(args.out) / "converted"
+    start = time.perf_counter()
+    try:
+        lavit(["convert", args.source, str(converted), "--components", "llm", *CONVERSIONS[args.worker]])
+    except SystemExit as exc:  # the CLI always exits
+        if exc.code:
+            raise
+    seconds = time.perf_counter() - start
+    shutil.rmtree(converted)  # GBs at full size; the peak is already reached
+    return {"seconds": seconds}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=3072)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--shards", type=int, default=4)
-    args = parser.parse_args()
-    gib = 2**30
-    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    common.add_arguments(parser)
+    args = common.parse(parser, QUICK)
+    if args.worker:
+        return common.serve(args, work)
+
+    import torch
+
+    workers = [common.Worker(name, ("mlx", "torch")) for name in CONVERSIONS]
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:  # multi-GB: not a small /tmp
         src = Path(tmp) / "release"
         total, largest = write_llm(src / "language_model", args.hidden, args.layers, args.shards)
         (src / "visual_tokenizer").mkdir()
         torch.save({"quantize.embedding.weight": torch.randn(16384, 32)}, src / "visual_tokenizer" / "tokenizer_encoder.bin")
-        print(f"synthetic checkpoint: {total / gib:.2f} GiB of bfloat16 in {args.shards} shards, largest {largest / gib:.2f} GiB")
-        print("| conversion | peak RSS | seconds |")
-        print("|---|---:|---:|")
-        for label, extra in (("float16", []), ("4-bit", ["--quantize", "4"])):
-            out = Path(tmp) / f"out-{label}"
-            # each run is its own child process: its ru_maxrss is the peak of that run
-            cmd = [sys.executable, "-c", "import sys; from lavit_cli.cli import main; main(sys.argv[1:])",
-                   "convert", str(src), str(out), "--components", "llm", *extra]
-            rss, seconds = peak_rss_of(cmd)
-            print(f"| {label} | {rss / gib:.2f} GiB | {seconds:.0f} |")
+        args.source = str(src)
+        runs = common.run_rounds(__file__, workers, common.forward(args), Path(tmp), args.rounds)
+
+    gib = 2**30
+    common.print_header(f"conversion: `lavit convert --components llm` of a synthetic {total / gib:.2f} GiB bfloat16 "
+                        f"LLaMA (hidden {args.hidden}, {args.layers} layers) in {args.shards} shards, largest "
+                        f"{largest / gib:.2f} GiB", runs)
+    rows = [[name, f"{max(r.peak_rss for r in worker_runs) / gib:.2f} GiB",
+             f"{common.best(worker_runs, 'seconds', better=min):.1f}"] for name, worker_runs in runs.items()]
+    common.print_table(["conversion", "peak RSS", "seconds"], rows)
 
 
 if __name__ == "__main__":

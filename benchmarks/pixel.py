@@ -1,6 +1,7 @@
 """Pixel decoding speed: one UNet step and one VAE decode, MLX vs diffusers (PyTorch fp32).
 
     python benchmarks/pixel.py [--repeats 3] [--rounds 2] [--latent 32] [--context 256] [--vae-latent 32]
+                               [--only mlx|torch] [--models DIR] [--fixture DIR] [--quick]
 
 The UNet is SDXL-shaped (LaVIT's high-res decoder) at reduced depth so that a step
 takes about a second on two CPU cores: block_out_channels (320, 640, 1280), one resnet
@@ -10,28 +11,31 @@ conditional and unconditional guidance branches) on a 32x32 latent with 256 cont
 tokens (LaVIT's prompt length). The VAE is Stable Diffusion's full decoder
 (block_out_channels (128, 256, 512, 512), two resnets per block), decoding one 32x32
 latent to a 256x256 image. Weights are random, written once with `save_pretrained`
-and read by each framework in its own process, so neither one's threads compete with
-the other's. The largest relative difference between the two outputs is printed.
+and read by each framework in its own process (`common.py`), so neither one's threads
+compete with the other's. The largest relative difference between the two outputs is
+printed.
 
-The second UNet row is the step as a sampling loop runs it with this package: the
-cross-attention keys and values of the (fixed) conditioning are projected once by
-`UNet2DConditionModel.prepare_context` and reused; diffusers projects them in every
-step, so its column repeats its plain step time.
+Two UNet rows, both like for like:
+- the plain step: each framework projects the context into every cross-attention's
+  keys and values inside the step;
+- the step as a sampling loop runs it: the conditioning is fixed over the steps, so its
+  keys and values are projected once and reused. MLX does it with
+  `UNet2DConditionModel.prepare_context`; diffusers has no such option, so this
+  benchmark wraps each cross-attention's `to_k`/`to_v` in `ProjectedOnce`, which
+  returns its previous output while the context is the same tensor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 UNET_CONFIG = dict(
     sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
@@ -47,110 +51,140 @@ VAE_CONFIG = dict(
     block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
 )
-POOLED_DIM = 1280
+# --quick: the same block types at the smallest widths GroupNorm(32) allows.
+QUICK_UNET_CONFIG = dict(UNET_CONFIG, sample_size=8, block_out_channels=(32, 64, 64), attention_head_dim=(1, 2, 2),
+                         cross_attention_dim=64, addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+QUICK_VAE_CONFIG = dict(VAE_CONFIG, layers_per_block=1, block_out_channels=(32, 32, 32, 32))
+QUICK = dict(repeats=1, rounds=1, latent=8, context=8, vae_latent=8)
 TIMESTEP = 501
+COMPONENTS = ("unet", "unet_prepared", "vae")
 
 
-def make_inputs(args):
+def make_inputs(args, unet_config: dict):
+    """Latents, context, pooled embedding and time ids of the sizes the saved UNet takes."""
     import numpy as np
 
     rng = np.random.default_rng(0)
+    time_ids = 6  # SDXL: original size, crop, target size
+    pooled = unet_config["projection_class_embeddings_input_dim"] - time_ids * unet_config["addition_time_embed_dim"]
     return dict(
         latents=rng.standard_normal((2, 4, args.latent, args.latent)).astype(np.float32),
-        context=rng.standard_normal((2, args.context, 2048)).astype(np.float32),
-        pooled=rng.standard_normal((2, POOLED_DIM)).astype(np.float32),
+        context=rng.standard_normal((2, args.context, unet_config["cross_attention_dim"])).astype(np.float32),
+        pooled=rng.standard_normal((2, pooled)).astype(np.float32),
         time_ids=np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (2, 1)),
         vae_latents=rng.standard_normal((1, 4, args.vae_latent, args.vae_latent)).astype(np.float32),
     )
 
 
-def make_models(folder: Path) -> None:
+def make_models(folder: Path, quick: bool) -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(0)
-    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(str(folder / "unet"))
-    AutoencoderKL(**VAE_CONFIG).save_pretrained(str(folder / "vae"))
+    UNet2DConditionModel(**(QUICK_UNET_CONFIG if quick else UNET_CONFIG)).save_pretrained(str(folder / "unet"))
+    AutoencoderKL(**(QUICK_VAE_CONFIG if quick else VAE_CONFIG)).save_pretrained(str(folder / "vae"))
 
 
-def timed(fn, repeats: int):
-    """(best seconds, last output) after one warm-up call."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+def mlx_steps(folder: Path, x: dict) -> dict:
+    """{component: a call that runs it to completion and returns the output as numpy}."""
+    import mlx.core as mx
+    import numpy as np
+
+    from lavit_mlx.models.unet import load_unet
+    from lavit_mlx.models.vae import load_vae
+
+    unet, vae = load_unet(folder / "unet"), load_vae(folder / "vae")
+    inputs = {k: mx.array(v) for k, v in x.items()}
+
+    def step(context):
+        out = unet(inputs["latents"], TIMESTEP, context, text_embeds=inputs["pooled"], time_ids=inputs["time_ids"])
+        mx.eval(out)
+        return np.array(out)
+
+    prepared = unet.prepare_context(inputs["context"])
+    mx.eval(prepared.keys_values)
+
+    def vae_decode():
+        out = vae.decode(inputs["vae_latents"])
+        mx.eval(out)
+        return np.array(out)
+
+    return {"unet": lambda: step(inputs["context"]), "unet_prepared": lambda: step(prepared), "vae": vae_decode}
 
 
-def worker(args) -> None:
+def torch_steps(folder: Path, x: dict) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.set_grad_enabled(False)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
+    inputs = {k: torch.from_numpy(v) for k, v in x.items()}
+    projections: list = []
+
+    def step():
+        return unet(inputs["latents"], TIMESTEP, encoder_hidden_states=inputs["context"],
+                    added_cond_kwargs={"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}).sample.numpy()
+
+    def prepared_step():
+        if not projections:  # from here on the UNet reuses the context's keys and values
+            projections.extend(project_context_once(unet))
+            step()  # projects them (the warm-up call)
+        out = step()
+        if not all(p.reused for p in projections):
+            raise RuntimeError("diffusers did not reuse the projected context (a ProjectedOnce never hit)")
+        return out
+
+    return {"unet": step, "unet_prepared": prepared_step, "vae": lambda: vae.decode(inputs["vae_latents"]).sample.numpy()}
+
+
+def project_context_once(unet) -> list:
+    """Wrap every cross-attention's to_k / to_v of a diffusers UNet in `ProjectedOnce`."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    class ProjectedOnce(torch.nn.Module):
+        """A key/value projection that returns its last output while the context is the same tensor."""
+
+        def __init__(self, projection):
+            super().__init__()
+            self.projection, self.context, self.projected, self.reused = projection, None, None, 0
+
+        def forward(self, context):
+            if context is self.context:
+                self.reused += 1
+            else:
+                self.context, self.projected = context, self.projection(context)
+            return self.projected
+
+    wrapped = []
+    for module in unet.modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            module.to_k, module.to_v = ProjectedOnce(module.to_k), ProjectedOnce(module.to_v)
+            wrapped += [module.to_k, module.to_v]
+    if not wrapped:
+        raise RuntimeError("no cross-attention found in the diffusers UNet")
+    return wrapped
+
+
+def work(args) -> dict:
+    """Best seconds per component; the outputs are saved next to the result for the comparison."""
     import numpy as np
 
     folder = Path(args.models)
-    x = make_inputs(args)
-    if args.worker == "mlx":
-        from lavit_mlx.runtime import ensure_fast_runtime
-
-        ensure_fast_runtime()
-        import mlx.core as mx
-
-        from lavit_mlx.models.unet import load_unet
-        from lavit_mlx.models.vae import load_vae
-
-        unet, vae = load_unet(folder / "unet"), load_vae(folder / "vae")
-        inputs = {k: mx.array(v) for k, v in x.items()}
-
-        def unet_step():
-            out = unet(inputs["latents"], TIMESTEP, inputs["context"], text_embeds=inputs["pooled"],
-                       time_ids=inputs["time_ids"])
-            mx.eval(out)
-            return np.array(out)
-
-        prepared = unet.prepare_context(inputs["context"])
-        mx.eval(prepared.keys_values)
-
-        def unet_step_prepared():  # the steady state of a sampling loop: context projected once
-            out = unet(inputs["latents"], TIMESTEP, prepared, text_embeds=inputs["pooled"],
-                       time_ids=inputs["time_ids"])
-            mx.eval(out)
-            return np.array(out)
-
-        def vae_decode():
-            out = vae.decode(inputs["vae_latents"])
-            mx.eval(out)
-            return np.array(out)
-    else:
-        import torch
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        torch.set_grad_enabled(False)
-        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
-        vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
-        inputs = {k: torch.from_numpy(v) for k, v in x.items()}
-
-        def unet_step():
-            return unet(inputs["latents"], TIMESTEP, encoder_hidden_states=inputs["context"],
-                        added_cond_kwargs={"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}
-                        ).sample.numpy()
-
-        def vae_decode():
-            return vae.decode(inputs["vae_latents"]).sample.numpy()
-
-        unet_step_prepared = unet_step  # diffusers projects the context in every step
-
-    result = {}
-    for name, fn in (("unet", unet_step), ("unet_prepared", unet_step_prepared), ("vae", vae_decode)):
-        seconds, out = timed(fn, args.repeats)
-        np.save(Path(args.out) / f"{args.worker}_{name}.npy", out)
-        result[name] = seconds
-    (Path(args.out) / f"{args.worker}.json").write_text(json.dumps(result))
+    x = make_inputs(args, json.loads((folder / "unet" / "config.json").read_text()))
+    steps = (mlx_steps if args.worker == "mlx" else torch_steps)(folder, x)
+    seconds = {}
+    for component in COMPONENTS:  # in this order: the plain step runs before diffusers' wrapping
+        timing = common.timed(steps[component], args.repeats)
+        np.save(Path(args.out) / f"{component}.npy", timing.output)
+        seconds[component] = timing.best
+    return {"seconds": seconds}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per process (best kept)")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per framework, alternating")
     parser.add_argument("--latent", type=int, default=32, help="UNet latent side (batch 2)")
     parser.add_argument("--context", type=int, default=256, help="context tokens")
     parser.add_argument("--vae-latent", type=int, default=32, help="VAE latent side (batch 1)")
@@ -158,62 +192,50 @@ def main():
     parser.add_argument("--fixture", default=str(ROOT.parent / "shared" / "fixtures" / "official-tiny"),
                         help="fixture whose checkpoint `lavit generate` runs on for the peak-memory line")
     parser.add_argument("--models", help="reuse a folder of saved models (written if absent)")
-    parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    common.add_arguments(parser, rounds=2)
+    args = common.parse(parser, QUICK)
     if args.worker:
-        return worker(args)
+        return common.serve(args, work)
 
     import numpy as np
-    import torch
 
-    from lavit_mlx.runtime import find_openblas
-
+    workers = [w for w in (common.MLX, common.TORCH) if args.only in (None, w.name)]
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(args.models) if args.models else Path(tmp) / "models"
         if not (models / "vae" / "config.json").is_file():
-            make_models(models)
-        results = {}
-        frameworks = [args.only] if args.only else ["mlx", "torch"]
-        # Alternate the frameworks over rounds and keep each one's best time, so that a
-        # burst of other load on a shared machine does not decide the comparison.
-        for _ in range(args.rounds):
-            for name in frameworks:
-                env = dict(os.environ)
-                if name == "torch":  # torch brings its own BLAS; no preload, no malloc tuning
-                    env.pop("LD_PRELOAD", None)
-                cmd = [sys.executable, __file__, "--worker", name, "--models", str(models), "--out", tmp,
-                       "--repeats", str(args.repeats), "--latent", str(args.latent),
-                       "--context", str(args.context), "--vae-latent", str(args.vae_latent)]
-                subprocess.run(cmd, check=True, env=env)
-                measured = json.loads((Path(tmp) / f"{name}.json").read_text())
-                best = results.setdefault(name, measured)
-                results[name] = {k: min(v, best[k]) for k, v in measured.items()}
-        outputs = {(f, c): np.load(Path(tmp) / f"{f}_{c}.npy") for f in frameworks
-                   for c in ("unet", "unet_prepared", "vae")}
+            make_models(models, args.quick)
+        args.models = str(models)
+        runs = common.run_rounds(__file__, workers, common.forward(args, skip=["only", "fixture"]), Path(tmp),
+                                 args.rounds)
+        seconds = {name: common.best_by_key(worker_runs, "seconds", better=min) for name, worker_runs in runs.items()}
+        outputs = {(name, c): np.load(worker_runs[-1].folder / f"{c}.npy")
+                   for name, worker_runs in runs.items() for c in COMPONENTS}
+        unet_config = json.loads((models / "unet" / "config.json").read_text())
+        vae_config = json.loads((models / "vae" / "config.json").read_text())
 
-    blas = f"OpenBLAS ({find_openblas()})" if find_openblas() else "bundled reference BLAS"
-    print(f"pixel decoding, float32, {os.cpu_count()} CPU threads; MLX with {blas}, "
-          f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"UNet: SDXL-shaped (320, 640, 1280), 1 layer/block, batch 2, latent {args.latent}x{args.latent}, "
-          f"{args.context} context tokens. VAE: SD decoder, latent {args.vae_latent}x{args.vae_latent} -> "
-          f"{8 * args.vae_latent}x{8 * args.vae_latent} image.")
-    print("| step | MLX s | diffusers s | MLX speed vs diffusers | max rel diff |")
-    print("|---|---:|---:|---:|---:|")
-    rows = (("unet", "UNet step (batch 2)"),
-            ("unet_prepared", "UNet step, context projected once (sampling loop)"),
-            ("vae", "VAE decode"))
-    for component, label in rows:
-        row = {f: results[f][component] for f in frameworks}
-        mlx_s, torch_s = row.get("mlx"), row.get("torch")
-        speed = f"{torch_s / mlx_s:.2f}x" if mlx_s and torch_s else "-"
-        diff = "-"
-        if len(frameworks) == 2:
+    common.print_header("pixel decoding: one UNet step and one VAE decode, float32, MLX vs diffusers", runs)
+    print(f"UNet: SDXL-shaped {tuple(unet_config['block_out_channels'])}, {unet_config['layers_per_block']} "
+          f"layer/block, batch 2, latent {args.latent}x{args.latent}, {args.context} context tokens of "
+          f"{unet_config['cross_attention_dim']}. VAE: SD decoder {tuple(vae_config['block_out_channels'])}, latent "
+          f"{args.vae_latent}x{args.vae_latent} -> {8 * args.vae_latent}x{8 * args.vae_latent} image.\n")
+    labels = {"unet": "UNet step (batch 2), context K/V projected in the step",
+              "unet_prepared": "UNet step, context K/V projected once and reused (sampling loop; MLX prepare_context, "
+                               "diffusers ProjectedOnce)",
+              "vae": "VAE decode"}
+    rows = []
+    for component in COMPONENTS:
+        mlx_s, torch_s = (seconds.get(name, {}).get(component) for name in ("mlx", "torch"))
+        diff = None
+        if len(runs) == 2:
             ours, ref = outputs[("mlx", component)], outputs[("torch", component)]
             diff = f"{np.abs(ours - ref).max() / np.abs(ref).max():.1e}"
-        fmt = lambda s: f"{s:.3f}" if s else "-"  # noqa: E731
-        print(f"| {label} | {fmt(mlx_s)} | {fmt(torch_s)} | {speed} | {diff} |")
-    generate_memory(Path(args.fixture))
+        rows.append([labels[component], mlx_s and f"{mlx_s:.3f}", torch_s and f"{torch_s:.3f}",
+                     common.ratio(torch_s, mlx_s), diff])
+    common.print_table(["step", "MLX s", "diffusers s", "MLX speed vs diffusers", "max rel diff"], rows)
+    if args.quick:
+        print("(--quick: skipping the `lavit generate` memory line)")
+    else:
+        generate_memory(Path(args.fixture))
 
 
 def generate_memory(fixture: Path) -> None:
@@ -222,17 +244,16 @@ def generate_memory(fixture: Path) -> None:
     if not checkpoint.is_dir():
         print(f"(no fixture at {fixture}: skipping the lavit generate memory line)")
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from measure import peak_rss_of
-
     heads = json.loads((fixture / "expected.json").read_text()).get("config", {}).get("heads", 16)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "lavit_cli.cli", "generate", "-p", "a red car", "-m", checkpoint,
                "--vision-heads", heads, "--width", 64, "--height", 64, "--steps", 5, "--seed", 0,
                "--out", Path(tmp) / "out.png"]
-        rss, seconds = peak_rss_of(cmd)
+        measured = common.run_measured(cmd)
+    if measured.returncode:
+        raise SystemExit(f"lavit generate failed (exit code {measured.returncode}); its output is above")
     print(f"`lavit generate` on {checkpoint.name} of {fixture.name} (64x64, 5 steps): "
-          f"peak resident memory {rss / 2**20:.0f} MiB, {seconds:.1f} s")
+          f"peak resident memory {measured.peak_rss / 2**20:.0f} MiB, {measured.seconds:.1f} s")
 
 
 if __name__ == "__main__":

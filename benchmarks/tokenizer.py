@@ -1,28 +1,24 @@
-"""Visual tokenizer throughput: MLX vs the project's PyTorch mirror, same weights, one run.
+"""Visual tokenizer throughput: MLX vs the project's PyTorch mirror, same weights.
 
-    python benchmarks/tokenizer.py [--batch-sizes 1 8] [--repeats 3] [--width 1408 ...]
+    python benchmarks/tokenizer.py [--batch-sizes 1 8] [--repeats 3] [--width 1408 ...] [--rounds 1] [--quick]
 
 Builds the release's full sizes by default (EVA-g: 40 blocks of 1408, merger: 12
 blocks) with random weights, and times processed images -> codes (EVA + selector +
 merger + quantizer) in float32. Each framework runs in its own process on the same
-weights file, so neither one's thread pool competes with the other's. The selector's
-last layer is set so that about a third of the patches are kept (the release's
-training target, rho = 1/3); the measured keep fraction is printed.
+weights file (`common.py`), so neither one's thread pool competes with the other's.
+The selector's last layer is set so that about a third of the patches are kept (the
+release's training target, rho = 1/3); the measured keep fraction is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
+
+QUICK = dict(width=64, heads=4, eva_depth=2, merger_depth=1, batch_sizes=[1, 2], repeats=1)
 
 
 def configs(args):
@@ -63,64 +59,71 @@ def make_weights(args, path: Path) -> None:
     save_file(state, str(path))
 
 
-def worker(args) -> None:
-    """Time one framework; print a JSON line {batch: [images/s, keep fraction]} and save codes."""
+def mlx_tokenizer(args):
+    """The MLX pipeline on the saved weights: pixels (B, 3, 224, 224) -> (codes per image, keep mask)."""
+    import mlx.core as mx
     import numpy as np
 
+    from lavit_mlx.models.eva_vit import EVAVisionTransformer
+    from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
+    from lavit_mlx.weights import load_strict
+
     eva_cfg, tok_cfg = configs(args)
-    weights = Path(args.weights)
-    if args.worker == "mlx":
-        from lavit_mlx.runtime import ensure_fast_runtime
+    state = mx.load(args.weights)
+    eva = EVAVisionTransformer(eva_cfg)
+    tok = DynamicVisualTokenizer(tok_cfg)
+    load_strict(eva, eva.sanitize({k[4:]: v for k, v in state.items() if k.startswith("eva.")}), "eva")
+    load_strict(tok, {k[4:]: v for k, v in state.items() if k.startswith("tok.")}, "tok")
+    eva.eval()  # inference: the deterministic keep rule, as the mirror's eval()
+    tok.eval()
+    # The tokenizer's host-side entry point is being renamed to `tokenize` (its __call__
+    # becomes the differentiable forward); either gives per-image codes and the keep mask.
+    tokenize = getattr(tok, "tokenize", tok)
 
-        ensure_fast_runtime()
-        import mlx.core as mx
+    def run(pixels):
+        out = tokenize(eva(mx.array(pixels))[:, 1:])
+        return out.codes, np.array(out.keep_mask)
 
-        from lavit_mlx.models.eva_vit import EVAVisionTransformer
-        from lavit_mlx.models.visual_tokenizer import DynamicVisualTokenizer
-        from lavit_mlx.weights import load_strict
+    return run
 
-        state = mx.load(str(weights))
-        eva = EVAVisionTransformer(eva_cfg)
-        tok = DynamicVisualTokenizer(tok_cfg)
-        load_strict(eva, EVAVisionTransformer.sanitize({k[4:]: v for k, v in state.items() if k.startswith("eva.")}), "eva")
-        load_strict(tok, {k[4:]: v for k, v in state.items() if k.startswith("tok.")}, "tok")
-        del state
 
-        def run(pixels):
-            out = tok(eva(mx.array(pixels))[:, 1:])
-            return out.codes, np.array(out.keep_mask)
-    else:
-        import torch
-        from safetensors.torch import load_file
+def torch_tokenizer(args):
+    """The PyTorch mirror (lavit_train) on the same weights, same signature as `mlx_tokenizer`."""
+    import torch
+    from safetensors.torch import load_file
 
-        from lavit_train.models.eva_vit import EVAVisionTransformer
-        from lavit_train.models.visual_tokenizer import DynamicVisualTokenizer
+    from lavit_train.models.eva_vit import EVAVisionTransformer
+    from lavit_train.models.visual_tokenizer import DynamicVisualTokenizer
 
-        torch.set_grad_enabled(False)
-        state = load_file(str(weights))
-        eva = EVAVisionTransformer(eva_cfg).eval()
-        tok = DynamicVisualTokenizer(tok_cfg).eval()
-        eva.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("eva.")})
-        tok.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tok.")})
-        del state
+    eva_cfg, tok_cfg = configs(args)
+    torch.set_grad_enabled(False)
+    state = load_file(args.weights)
+    eva = EVAVisionTransformer(eva_cfg).eval()
+    tok = DynamicVisualTokenizer(tok_cfg).eval()
+    eva.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("eva.")})
+    tok.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tok.")})
 
-        def run(pixels):
-            out = tok(eva(torch.from_numpy(pixels))[:, 1:])
-            return [c.numpy() for c in out.codes], out.keep_mask.numpy()
+    def run(pixels):
+        out = tok(eva(torch.from_numpy(pixels))[:, 1:])
+        return [c.numpy() for c in out.codes], out.keep_mask.numpy()
 
+    return run
+
+
+def work(args) -> dict:
+    """Time one framework: {"speed": {batch: [images/s, keep fraction]}, "codes": {batch: codes}}."""
+    import numpy as np
+
+    run = (mlx_tokenizer if args.worker == "mlx" else torch_tokenizer)(args)
     rng = np.random.default_rng(0)
-    result, codes = {}, {}
+    speed, codes = {}, {}
     for batch in args.batch_sizes:
         pixels = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
-        run(pixels)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            batch_codes, keep = run(pixels)
-            times.append(time.perf_counter() - start)
-        result[batch] = [batch / min(times), float(keep.mean())]
-        codes[batch] = [c.tolist() for c in batch_codes]
-    Path(args.out).write_text(json.dumps({"speed": result, "codes": codes}))
+        timing = common.timed(lambda: run(pixels), args.repeats)
+        batch_codes, keep = timing.output
+        speed[str(batch)] = [batch / timing.best, float(keep.mean())]
+        codes[str(batch)] = [np.asarray(c).tolist() for c in batch_codes]
+    return {"speed": speed, "codes": codes}
 
 
 def main():
@@ -131,44 +134,30 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--eva-depth", type=int, default=40)
     parser.add_argument("--merger-depth", type=int, default=12)
-    parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    common.add_arguments(parser)
+    args = common.parse(parser, QUICK)
     if args.worker:
-        return worker(args)
-
-    import torch
-
-    from lavit_mlx.runtime import find_openblas
+        return common.serve(args, work)
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.safetensors"
         make_weights(args, weights)
-        results = {}
-        for name in ("mlx", "torch"):
-            out = Path(tmp) / f"{name}.json"
-            env = dict(os.environ)
-            if name == "torch":  # torch brings its own BLAS; no preload, no malloc tuning
-                env.pop("LD_PRELOAD", None)
-            cmd = [sys.executable, __file__, "--worker", name, "--weights", str(weights), "--out", str(out),
-                   "--batch-sizes", *map(str, args.batch_sizes), "--repeats", str(args.repeats),
-                   "--width", str(args.width), "--heads", str(args.heads),
-                   "--eva-depth", str(args.eva_depth), "--merger-depth", str(args.merger_depth)]
-            subprocess.run(cmd, check=True, env=env)
-            results[name] = json.loads(out.read_text())
+        args.weights = str(weights)
+        runs = common.run_rounds(__file__, [common.MLX, common.TORCH], common.forward(args), Path(tmp), args.rounds)
 
-    blas = f"OpenBLAS ({find_openblas()})" if find_openblas() else "bundled reference BLAS"
-    print(f"visual tokenizer, EVA {args.eva_depth} blocks x {args.width}, merger {args.merger_depth} blocks, "
-          f"float32; MLX with {blas}, PyTorch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print("| batch | MLX images/s | PyTorch images/s | MLX / PyTorch | kept patches | same codes |")
-    print("|---:|---:|---:|---:|---:|:---:|")
+    common.print_header(f"visual tokenizer: EVA {args.eva_depth} x {args.width} wide blocks, merger "
+                        f"{args.merger_depth} blocks, {args.heads} heads, float32, images -> codes", runs)
+    mlx_speed = common.best_by_key(runs["mlx"], "speed", better=lambda rows: max(rows, key=lambda r: r[0]))
+    torch_speed = common.best_by_key(runs["torch"], "speed", better=lambda rows: max(rows, key=lambda r: r[0]))
+    rows = []
     for batch in map(str, args.batch_sizes):
-        mlx_ips, keep = results["mlx"]["speed"][batch]
-        torch_ips, _ = results["torch"]["speed"][batch]
-        same = results["mlx"]["codes"][batch] == results["torch"]["codes"][batch]
-        print(f"| {batch} | {mlx_ips:.3f} | {torch_ips:.3f} | {mlx_ips / torch_ips:.2f}x | {keep:.0%} | "
-              f"{'yes' if same else 'no'} |")
+        (mlx_ips, keep), (torch_ips, _) = mlx_speed[batch], torch_speed[batch]
+        same = runs["mlx"][0].result["codes"][batch] == runs["torch"][0].result["codes"][batch]
+        rows.append([batch, f"{mlx_ips:.3f}", f"{torch_ips:.3f}", common.ratio(mlx_ips, torch_ips), f"{keep:.0%}",
+                     "yes" if same else "no"])
+    common.print_table(["batch", "MLX images/s", "PyTorch images/s", "MLX / PyTorch", "kept patches", "same codes"],
+                       rows, align="rrrrrc")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,12 @@ def _choose_library() -> Tuple[Optional[str], str]:
     return None, "no fast BLAS found"
 
 
-def _tune_malloc() -> bool:
+def tune_malloc() -> bool:
+    """Apply `MALLOC_TUNING` to this process with glibc's `mallopt`; False where it cannot.
+
+    Only the allocator part of `prepare()`, loading nothing: benchmarks call it in their
+    PyTorch workers so that both frameworks run with the same malloc settings.
+    """
     try:
         libc = ctypes.CDLL(None)
         return all(libc.mallopt(param, value) == 1 for param, value in MALLOC_TUNING.items())
@@ -221,7 +226,7 @@ def prepare() -> BlasState:
         return STATE
     if not sys.platform.startswith("linux"):
         return STATE
-    STATE.malloc_tuned = _tune_malloc()
+    STATE.malloc_tuned = tune_malloc()
     if "mlx.core" in sys.modules:
         STATE.warnings.append(
             "mlx was imported before lavit_mlx, so MLX keeps its slow reference BLAS; import lavit_mlx first"

@@ -1,0 +1,102 @@
+"""The four benchmarks run end to end at their --quick sizes and print the shared header
+(machine, versions, both frameworks' BLAS measured in the workers, the allocator) and a table.
+
+The four run at once (each is mostly process start-up and imports), so the module stays
+well under 90 s on two cores; their numbers are not checked, only what they print. Each
+framework gets one thread: on a loaded machine OpenMP's waiting threads can make a tiny
+step 50x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ("tokenizer", "llm", "pixel", "convert")
+TIMEOUT = 120
+TABLE_RULE = re.compile(r"^\|(:?-{3,}:?\|)+$")
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """{benchmark: (returncode, stdout, stderr)} of `python benchmarks/NAME.py --quick`."""
+    logs = tmp_path_factory.mktemp("benchmarks")
+    started = {}
+    for name in BENCHMARKS:
+        out, err = (logs / f"{name}.out").open("w"), (logs / f"{name}.err").open("w")
+        proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"],
+                                cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **ONE_THREAD})
+        started[name] = (proc, out, err)
+    done = {}
+    for name, (proc, out, err) in started.items():
+        try:
+            code = proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = f"timed out after {TIMEOUT} s"
+        out.close()
+        err.close()
+        done[name] = (code, (logs / f"{name}.out").read_text(), (logs / f"{name}.err").read_text())
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_quick_run_prints_header_then_table(quick_runs, name):
+    code, stdout, stderr = quick_runs[name]
+    assert code == 0, f"{name}.py --quick failed ({code}):\n{stderr[-3000:]}"
+    lines = stdout.splitlines()
+    assert lines[0].startswith("# "), f"the header does not come first:\n{stdout}"
+    assert lines[1].startswith("machine: ") and "logical CPUs" in lines[1]
+    assert lines[2].startswith("software: Python ") and " mlx " in lines[2] and " torch " in lines[2]
+    for framework in ("MLX", "PyTorch"):
+        blas = [line for line in lines if line.startswith(f"{framework} BLAS (")]
+        assert blas, f"no {framework} BLAS line measured in a worker:\n{stdout}"
+        assert all(re.search(r"kernel \S+.*; float32 1024\^2 matmul \d+ GFLOP/s", line) for line in blas), blas
+    allocator = next(line for line in lines if line.startswith("allocator: "))
+    assert "mallopt in every worker" in allocator and " NO" not in allocator, allocator
+    assert any(line.startswith("workers: each in its own process") for line in lines)
+    rules = [i for i, line in enumerate(lines) if TABLE_RULE.match(line)]
+    assert rules, f"no table:\n{stdout}"
+    first_row = lines[rules[0] + 1]
+    assert first_row.startswith("| ") and re.search(r"\d", first_row), first_row
+
+
+@pytest.mark.slow
+def test_llm_bound_is_from_read_bandwidth(quick_runs):
+    stdout = quick_runs["llm"][1]
+    assert "copy bandwidth" not in stdout
+    assert re.search(r"^read bandwidth \d+\.\d+ GB/s", stdout, re.M), stdout
+    assert re.search(r"^\| decode bound: read bandwidth / weight bytes per token \(tokens/s\) \| \d", stdout, re.M)
+
+
+@pytest.mark.slow
+def test_pixel_reused_context_row_is_timed_on_both_sides(quick_runs):
+    stdout = quick_runs["pixel"][1]
+    row = next(line for line in stdout.splitlines() if line.startswith("| UNet step, context K/V projected once"))
+    mlx_s, diffusers_s = row.split("|")[2:4]
+    assert float(mlx_s) > 0 and float(diffusers_s) > 0, row
+
+
+def test_quick_sizes_yield_to_given_options_and_reach_the_workers():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    common.add_arguments(parser, rounds=2)
+    quick = dict(repeats=1, rounds=1, batch_sizes=[1, 2])
+    args = common.parse(parser, quick, ["--quick", "--rounds", "2", "--batch-sizes=4"])
+    assert (args.repeats, args.rounds, args.batch_sizes) == (1, 2, [4])  # a given option wins, even at its default
+    assert common.parse(parser, quick, ["--repeats", "5"]).batch_sizes == [1, 8]  # no --quick: defaults
+    assert common.forward(args) == ["--repeats=1", "--batch-sizes", "4"]  # the workers get the resolved sizes
+    assert parser.parse_args(common.forward(args)).batch_sizes == [4]
