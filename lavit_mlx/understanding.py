@@ -18,7 +18,7 @@ deterministic rule is the default so that an answer is reproducible, and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import LaVITError
 from .image_processing import ImageInput, load_or_error, preprocess, source_name
@@ -64,26 +64,43 @@ def _embeddings(model, pictures, prompts: Sequence[str], sample_tokens: bool, se
     return rows
 
 
-def _decode_rows(model, rows, decoding: TextDecoding, seeds: List[int], stream) -> List[List[int]]:
-    tokenizer = model.text_tokenizer
+@dataclass
+class TextProgress:
+    """An event of `describe_stages`: the texts decoded so far for the images
+    `first .. first + len(texts) - 1` of the call (the running best beams with beams)."""
+
+    first: int
+    texts: List[str]
+    step: int
+
+
+@dataclass
+class Done:
+    """The last event of `describe_stages`: one `Answer` per image, in order."""
+
+    answers: List[Answer]
+
+
+def _decode_rows(model, rows, decoding: TextDecoding, seeds: List[int]) -> Iterator[Tuple[int, List[List[int]], bool]]:
+    """(step, token ids so far per row, final) while decoding a batch of input rows."""
     if decoding.num_beams > 1:
-        final = None
         for step in beam_search(model.llm, rows, decoding):
-            final = step
-            if stream and step.sequences is None:
-                stream([tokenizer.decode(ids) for ids in step.running])
-        return final.sequences
+            if step.sequences is not None:
+                yield step.step, step.sequences, True
+            else:
+                yield step.step, step.running, False
+        return
     sequences = [[] for _ in rows]
-    for tokens in stream_text(model.llm, rows, decoding, seed=seeds):
+    step = -1
+    for step, tokens in enumerate(stream_text(model.llm, rows, decoding, seed=seeds)):
         for row, token in enumerate(tokens):
             if token is not None:
                 sequences[row].append(token)
-        if stream:
-            stream([tokenizer.decode(ids) for ids in sequences])
-    return sequences
+        yield step, sequences, False
+    yield step, sequences, True
 
 
-def describe(
+def describe_stages(
     model,
     images: Sequence[ImageInput],
     prompts: Sequence[str],
@@ -91,11 +108,45 @@ def describe(
     clean: Callable[[str], str],
     sample_tokens: bool = False,
     seed: Optional[int] = None,
-    stream: Optional[Callable[[List[str]], None]] = None,
     batch_size: int = 8,
     skip_bad: bool = False,
-    progress: Optional[Callable[[int], None]] = None,
-) -> List[Answer]:
+) -> Iterator[Union[TextProgress, Done]]:
+    """Decode text for each (image, prompt) pair, as events: a `TextProgress` after every
+    decoding step of every batch, then `Done` with the answers (see `describe`)."""
+    if batch_size < 1:
+        raise LaVITError(f"batch size {batch_size}: expected at least 1")
+    if len(prompts) != len(images):
+        raise LaVITError(f"{len(prompts)} prompts for {len(images)} images")
+    base = resolve_seed(seed)
+    tokenizer = model.text_tokenizer
+    answers: List[Answer] = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        loaded = [load_or_error(image, skip_bad) for image in chunk]
+        good = [i for i, (picture, _) in enumerate(loaded) if picture is not None]
+        sequences = {}
+        if good:
+            seeds = [base + start + i for i in good]  # image j of the call: seed + j
+            rows = _embeddings(model, [loaded[i][0] for i in good], [prompts[start + i] for i in good],
+                               sample_tokens, seeds)
+            for step, ids, final in _decode_rows(model, rows, decoding, seeds):
+                if final:
+                    sequences = dict(zip(good, ids))
+                else:
+                    yield TextProgress(start, [tokenizer.decode(row) for row in ids], step)
+        for i, image in enumerate(chunk):
+            if i in sequences:
+                raw = tokenizer.decode(sequences[i])
+                answers.append(Answer(clean(raw), raw, list(sequences[i]), source_name(image)))
+            else:
+                answers.append(Answer("", "", [], source_name(image), error=loaded[i][1]))
+    yield Done(answers)
+
+
+def describe(model, images: Sequence[ImageInput], prompts: Sequence[str], decoding: TextDecoding,
+             clean: Callable[[str], str], sample_tokens: bool = False, seed: Optional[int] = None,
+             stream: Optional[Callable[[List[str]], None]] = None, batch_size: int = 8, skip_bad: bool = False,
+             progress: Optional[Callable[[int], None]] = None) -> List[Answer]:
     """Decode text for each (image, prompt) pair.
 
     Args:
@@ -117,30 +168,18 @@ def describe(
     Returns:
         One `Answer` per image, in order.
     """
-    if batch_size < 1:
-        raise LaVITError(f"batch size {batch_size}: expected at least 1")
-    base = resolve_seed(seed)
-    tokenizer = model.text_tokenizer
-    answers: List[Answer] = []
-    for start in range(0, len(images), batch_size):
-        chunk = list(images[start:start + batch_size])
-        loaded = [load_or_error(image, skip_bad) for image in chunk]
-        good = [i for i, (picture, _) in enumerate(loaded) if picture is not None]
-        sequences = {}
-        if good:
-            seeds = [base + start + i for i in good]  # image j of the call: seed + j
-            rows = _embeddings(model, [loaded[i][0] for i in good], [prompts[start + i] for i in good],
-                               sample_tokens, seeds)
-            sequences = dict(zip(good, _decode_rows(model, rows, decoding, seeds, stream)))
-        for i, image in enumerate(chunk):
-            if i in sequences:
-                raw = tokenizer.decode(sequences[i])
-                answers.append(Answer(clean(raw), raw, list(sequences[i]), source_name(image)))
-            else:
-                answers.append(Answer("", "", [], source_name(image), error=loaded[i][1]))
-        if progress:
-            progress(len(chunk))
-    return answers
+    done_images = 0
+    for event in describe_stages(model, images, prompts, decoding, clean, sample_tokens, seed, batch_size, skip_bad):
+        if isinstance(event, Done):
+            if progress and done_images < len(images):
+                progress(len(images) - done_images)
+            return event.answers
+        if stream:
+            stream(event.texts)
+        if progress and event.first > done_images:
+            progress(event.first - done_images)
+            done_images = event.first
+    raise LaVITError("decoding ended without a result")
 
 
 def _split(options: dict) -> tuple:
