@@ -1,0 +1,27 @@
+"""One module per training stage; importing this package registers their config sections.
+
+Each module defines a `Stage` subclass and calls `config.register_stage(name, ModelSection,
+LossSection, train_defaults)` at import.
+"""
+
+from __future__ import annotations
+
+from ...errors import LaVITError
+
+_BUILDERS: dict = {}
+
+
+def stage_builder(name: str):
+    """Decorator: `name`'s Stage class (built as `cls(config, world)`)."""
+
+    def register(cls):
+        _BUILDERS[name] = cls
+        return cls
+
+    return register
+
+
+def build_stage(config, world):
+    if config.stage not in _BUILDERS:
+        raise LaVITError(f"the {config.stage!r} stage is not available in this installation")
+    return _BUILDERS[config.stage](config, world)
