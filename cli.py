@@ -463,6 +463,29 @@ def reconstruct(
                   reconstruction=True)
 
 
+# ------------------------------------------------------------------------- training
+Stage = Literal["encoder", "tokenizer", "llm", "pixel", "vae"]
+
+
+@app.command(name="train")
+def train_command(
+    stage: Stage = typer.Argument(..., help="The stage to train: encoder, tokenizer (stage 1), llm (stage 2), "
+                                            "pixel (stage 3) or vae."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", show_default=False,
+                                          help="The run's YAML file (stage, out, model, data, train, loss)."),
+    overrides: List[str] = typer.Option([], "--set", show_default=False,
+                                        help="Override a config value, e.g. --set train.steps=100 (repeatable)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore the run folder's checkpoints (default: resume from the latest)."),
+):
+    """Train one LaVIT stage in MLX (resumes from the run folder's latest checkpoint)."""
+    from lavit_mlx.training import run
+
+    last = run(stage, config, overrides, resume=not fresh)
+    if last:
+        typer.echo(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
+                            if k != "time"))
+
+
 # ------------------------------------------------------------------------- convert
 @app.command()
 def convert(

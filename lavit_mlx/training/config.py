@@ -109,6 +109,8 @@ def _sections(stage: str) -> Tuple[Type, Type, dict]:
         raise LaVITError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
     if stage not in _STAGE_SECTIONS:
         from . import stages  # noqa: F401  (registers every stage)
+    if stage not in _STAGE_SECTIONS:
+        raise LaVITError(f"the {stage!r} stage is not available in this installation")
     return _STAGE_SECTIONS[stage]
 
 
