@@ -151,6 +151,11 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             raise LaVITError(f"{where}: expected true or false, got {value!r}")
         return value
     if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                raise LaVITError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LaVITError(f"{where}: expected a number, got {value!r}")
         if isinstance(default, int) and not isinstance(value, int):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 import pytest
 
 from lavit_mlx.errors import LaVITError
@@ -48,7 +50,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     (["steps"], "expected KEY=VALUE"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
-    with pytest.raises(LaVITError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(LaVITError, match=re.escape(message)):
         run_config.load_run_config("vae", None, overrides)
 
 
