@@ -49,6 +49,9 @@ QuantizeOption = typer.Option(
 )
 
 
+ForceOption = typer.Option(False, "--force", help="Overwrite existing output files.")
+
+
 def _seed_option(what: str):
     return typer.Option(None, "--seed", min=0, max=2**32 - 1, show_default=False,
                         help=f"Seed for {what}, 0..4294967295. Default: random, printed.")
@@ -233,10 +236,15 @@ def tokenize(
     seed: Optional[int] = _seed_option("--sample (image i uses seed + i)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {image, num_tokens, codes}."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", show_default=False,
+                                           help="Also draw the kept patches (outlined) and where each dropped patch "
+                                                "goes (tinted) to this PNG (several images: NAME-1.png, ...)."),
+    force: bool = ForceOption,
 ):
     """Turn images into LaVIT's dynamic discrete visual tokens."""
     from lavit_mlx.seeding import new_seed
 
+    overlay_paths = _outputs(overlay, len(images), force) if overlay is not None else []
     _check_inputs(images, all_needed=False)
     if sample and seed is None:
         seed = new_seed()
@@ -245,6 +253,15 @@ def tokenize(
     with Reporter({"tokenize": "tokenizing"}) as reporter:
         results = lavit.tokenize([str(p) for p in images], sample=sample, seed=seed, batch_size=batch_size,
                                  progress=_counter(reporter, "tokenize", len(images)), skip_bad=True)
+    if overlay_paths:
+        from lavit_mlx.generation import atomic_png
+        from lavit_mlx.pictures import token_overlay
+
+        for index, (image, result, path) in enumerate(zip(images, results, overlay_paths)):
+            if result.error is None:
+                picture = token_overlay(lavit, image, sample=sample, seed=None if seed is None else seed + index)
+                atomic_png(picture.image, path)
+                _note(f"overlay: {path} ({picture.num_tokens} tokens)")
     raise typer.Exit(_print_results(
         results, as_json, lambda r: {"num_tokens": r.num_tokens, "codes": r.codes.tolist()},
         lambda r: f"{r.source}: {r.num_tokens} tokens\n" + " ".join(str(c) for c in r.codes.tolist())))
@@ -383,7 +400,6 @@ GuidanceOption = typer.Option(None, "--guidance", min=0.0, show_default=False,
                               help="UNet classifier-free guidance. Default: 7.0 highres, 5.0 lowres (the release).")
 SchedulerOption = typer.Option("ddim", "--scheduler",
                                help="Sampler: ddim (the release), euler or dpm++2m (fewer steps).")
-ForceOption = typer.Option(False, "--force", help="Overwrite existing output files.")
 
 
 def _outputs(out: Path, count: int, force: bool):
@@ -447,6 +463,9 @@ def reconstruct(
     steps: Optional[int] = StepsOption,
     guidance: Optional[float] = GuidanceOption,
     scheduler: Scheduler = SchedulerOption,
+    side_by_side: Optional[Path] = typer.Option(None, "--side-by-side", show_default=False,
+                                                help="Also write original | reconstruction | kept-patch overlay to "
+                                                     "this PNG."),
     force: bool = ForceOption,
 ):
     """Reconstruct an image from its own visual tokens (shows what the tokenizer keeps)."""
@@ -456,11 +475,212 @@ def reconstruct(
     settings = _image_settings(prompt="", images=[str(image)], seed=seed, num_images=n, decoder=decoder,
                                ratio=ratio, width=width, height=height, steps=steps, guidance=guidance,
                                scheduler=scheduler)
-    load_image(image)  # a bad image fails here, before the model loads
+    original = load_image(image)  # a bad image fails here, before the model loads
     paths = _outputs(out, n, force)
+    extra = _outputs(side_by_side, 1, force) if side_by_side is not None else []
     lavit = _open_model(model, vision_heads)
     _run_pipeline(reconstruct_stages(lavit, str(image), settings), settings, paths, str(lavit.checkpoint.path),
                   reconstruction=True)
+    if extra:
+        from PIL import Image
+
+        from lavit_mlx.generation import atomic_png
+        from lavit_mlx.pictures import side_by_side as compose, token_overlay
+
+        picture = token_overlay(lavit, original)
+        atomic_png(compose([original, Image.open(paths[0]), picture.image],
+                           ["original", "reconstruction", f"{picture.num_tokens} kept tokens"]), extra[0])
+        _note(f"side by side: {extra[0]}")
+
+
+# ------------------------------------------------------------------------- evaluation
+eval_app = typer.Typer(help="Evaluate a model: the paper's metrics, token statistics, the shapes world's gates.",
+                       no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(eval_app, name="eval")
+
+DataOption = typer.Option(..., "--data", "-d", show_default=False,
+                          help="A JSONL manifest, a COCO caption file (with --images), the Karpathy split file, or "
+                               "VQAv2's questions file (with --images and --annotations).")
+ImagesOption = typer.Option(None, "--images", show_default=False, help="The image folder of a COCO/VQAv2 file.")
+LimitOption = typer.Option(None, "--limit", min=1, show_default=False, help="Evaluate only the first N records.")
+EvalOutOption = typer.Option(Path("eval"), "--out", "-o", help="Folder for the report, the predictions and pictures.")
+JsonOption = typer.Option(False, "--json", help="Print the report as JSON instead of a table.")
+
+
+def _write_eval(report, predictions, out: Path, as_json: bool) -> None:
+    """The report (JSON + a table on stdout) and the predictions, written into `out`."""
+    from lavit_mlx.eval.report import format_table, write_atomic, write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_report(report, out / f"{report['task']}_report.json", force=True)
+    write_atomic(out / f"{report['task']}_predictions.jsonl",
+                 "".join(json.dumps(p) + "\n" for p in predictions).encode(), force=True)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(format_table([{"metric": k, "value": v} for k, v in _flat_metrics(report["metrics"])]))
+        passed = (report.get("settings") or {}).get("passed")
+        if passed:
+            typer.echo(format_table([{"gate": k, "passed": "yes" if v else "NO"} for k, v in passed.items()]))
+    _note(f"report: {path}")
+
+
+def _flat_metrics(metrics: dict, prefix: str = ""):
+    """(dotted name, number) pairs of a nested metrics dict, for the table."""
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            yield from _flat_metrics(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
+
+
+def _eval_progress(reporter: "Reporter"):
+    return lambda stage, done, total: reporter.update(stage, done, total)
+
+
+@eval_app.command("caption")
+def eval_caption(
+    data: Path = DataOption,
+    images: Optional[Path] = ImagesOption,
+    split: str = typer.Option("test", "--split", help="Karpathy split."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    limit: Optional[int] = LimitOption,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    beams: int = typer.Option(2, "--beams", min=1, help="Beam search width (the release's 2)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed (token selection sampling, if any)."),
+    out: Path = EvalOutOption,
+    as_json: bool = JsonOption,
+):
+    """Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) with the COCO caption code."""
+    from lavit_mlx.eval import run
+
+    records = run.read_records("caption", data, images, split=split, limit=limit)
+    lavit = _open_model(model, vision_heads)
+    with Reporter({}) as reporter:
+        report, predictions = run.caption(lavit, records, [data], batch_size, seed, _eval_progress(reporter),
+                                          num_beams=beams)
+    _write_eval(report, predictions, out, as_json)
+
+
+@eval_app.command("vqa")
+def eval_vqa(
+    data: Path = DataOption,
+    images: Optional[Path] = ImagesOption,
+    annotations: Optional[Path] = typer.Option(None, "--annotations", show_default=False,
+                                               help="VQAv2's annotations file (the answers)."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    limit: Optional[int] = LimitOption,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    beams: int = typer.Option(5, "--beams", min=1, help="Beam search width (the release's 5)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed (token selection sampling, if any)."),
+    out: Path = EvalOutOption,
+    as_json: bool = JsonOption,
+):
+    """VQA accuracy: VQAv2's 10-annotator rule, exact match for single answers."""
+    from lavit_mlx.eval import run
+
+    records = run.read_records("vqa", data, images, annotations, limit=limit)
+    lavit = _open_model(model, vision_heads)
+    with Reporter({}) as reporter:
+        report, predictions = run.vqa(lavit, records, [p for p in (data, annotations) if p], batch_size, seed,
+                                      _eval_progress(reporter), num_beams=beams)
+    _write_eval(report, predictions, out, as_json)
+
+
+@eval_app.command("t2i")
+def eval_t2i(
+    data: Path = DataOption,
+    images: Optional[Path] = ImagesOption,
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    limit: Optional[int] = LimitOption,
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", show_default=False,
+                                                     help="Inception-v3 weights for FID (torch-fidelity's "
+                                                          "pt_inception file; nothing is downloaded)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per batch."),
+    steps: Optional[int] = StepsOption,
+    width: Optional[int] = WidthOption,
+    height: Optional[int] = HeightOption,
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of the first image (image i: seed + i)."),
+    out: Path = EvalOutOption,
+    as_json: bool = JsonOption,
+):
+    """Generate from captions: FID against the references (with --inception-weights) and the shapes checker."""
+    from lavit_mlx.eval import run
+    from lavit_mlx.generation import GenerationSettings
+
+    settings = _image_settings(seed=seed, steps=steps, width=width, height=height)
+    if inception_weights is not None and not inception_weights.is_file():
+        from lavit_mlx.errors import LaVITError
+
+        raise LaVITError(f"{inception_weights}: no such Inception weights file")
+    records = run.read_records("t2i", data, images, limit=limit)
+    lavit = _open_model(model, vision_heads)
+    with Reporter({}) as reporter:
+        report, predictions = run.t2i(lavit, records, [data], out, settings, batch_size, inception_weights,
+                                      _eval_progress(reporter))
+    _write_eval(report, predictions, out, as_json)
+    _note(f"images: {out / 'images'}, contact sheet: {out / 'contact_sheet.png'}")
+
+
+@eval_app.command("tokens")
+def eval_tokens(
+    images: Path = typer.Option(..., "--images", "-i", show_default=False,
+                                help="A folder of images, or a JSONL manifest (its extra columns, e.g. "
+                                     "num_objects, split the statistics)."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    limit: Optional[int] = LimitOption,
+    rho: Optional[float] = typer.Option(None, "--rho", min=0.0, max=1.0, show_default=False,
+                                        help="The target keep ratio to compare with. Default: 1/3 (the paper)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    out: Path = EvalOutOption,
+    as_json: bool = JsonOption,
+):
+    """Tokens per image, kept fraction against rho, codebook usage (by label), and a histogram."""
+    from lavit_mlx.eval import run
+
+    records = run.read_records("tokens", images, limit=limit)
+    lavit = _open_model(model, vision_heads)
+    with Reporter({}) as reporter:
+        report, predictions = run.tokens(lavit, records, [images] if images.is_file() else [], out, rho, batch_size,
+                                         _eval_progress(reporter))
+    _write_eval(report, predictions, out, as_json)
+
+
+@eval_app.command("shapes")
+def eval_shapes(
+    model: Optional[Path] = ModelOption,
+    seed: int = typer.Option(10_000, "--seed", min=0, max=2**32 - 1, help="Seed of the fresh scenes."),
+    scenes: int = typer.Option(200, "--scenes", min=1, help="Scenes captioned and questioned."),
+    prompts: int = typer.Option(100, "--prompts", min=1, help="Captions turned into images."),
+    reconstructions: int = typer.Option(50, "--reconstructions", min=1, help="Scenes reconstructed."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per batch."),
+    out: Path = EvalOutOption,
+    as_json: bool = JsonOption,
+):
+    """The shapes world's quality gates (caption, VQA, text-to-image, reconstruction, dynamic tokens)."""
+    from lavit_mlx.eval import run
+
+    lavit = _open_model(model, None)
+    with Reporter({}) as reporter:
+        report, predictions = run.shapes(lavit, seed, scenes, min(prompts, scenes), min(reconstructions, scenes),
+                                         batch_size, _eval_progress(reporter))
+    _write_eval(report, predictions, out, as_json)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="A training run folder (with log.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", show_default=False,
+                                       help="Output PNG. Default: RUN_DIR/curves.png."),
+):
+    """Plot a training run's curves (losses, kept tokens, codebook usage, learning rate) as one PNG."""
+    from lavit_mlx.pictures import plot_run
+
+    typer.echo(str(plot_run(run_dir, out or Path(run_dir) / "curves.png")))
 
 
 # ------------------------------------------------------------------------- training

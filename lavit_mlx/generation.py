@@ -169,8 +169,9 @@ def prompt_pieces(prompt: str, images: Sequence[str]) -> List[Tuple[str, str]]:
     return pieces
 
 
-def prompt_ids(model, pieces: Sequence[Tuple[str, str]]) -> List[int]:
-    """Token ids of a multimodal prompt: text ids, and each image's discrete visual ids."""
+def prompt_ids(model, pieces: Sequence[Tuple[str, str]], low_memory: bool = False) -> List[int]:
+    """Token ids of a multimodal prompt: text ids, and each image's discrete visual ids
+    (with `low_memory` the image encoder is freed afterwards)."""
     ids: List[int] = []
     images = [value for kind, value in pieces if kind == "image"]
     tokens = iter(model.tokenize(images) if images else [])
@@ -179,24 +180,34 @@ def prompt_ids(model, pieces: Sequence[Tuple[str, str]]) -> List[int]:
             ids.extend(model.text_tokenizer.encode(value))
         else:
             ids.extend(next(tokens).llm_ids(model.token_ids, special=False))
-    if images:
+    if images and low_memory:
         model.unload("eva", "tokenizer")
     return ids
 
 
-def generate_stages(model, settings: GenerationSettings) -> Iterator[Union[Progress, Done]]:
+def generate_stages(model, settings: GenerationSettings,
+                    prompts: Optional[Sequence[str]] = None) -> Iterator[Union[Progress, Done]]:
     """Run the pipeline; yields `Progress` events, then one `Done` with the images.
 
     Args:
         model: a `LaVIT`.
         settings: resolved or not (`resolved()` is applied).
+        prompts: several text prompts at once, one image each (image i with seed + i;
+            `settings.prompt`, `images` and `num_images` are then not used).
     """
     start = time.perf_counter()
     s = settings.resolved()
     highres = s.decoder == "highres"
     decoder = model.pixel_decoder(highres)
     decoder.check_size(s.height, s.width)
-    ids = prompt_ids(model, prompt_pieces(s.prompt, s.images))
+    if prompts is not None:
+        if not prompts:
+            raise LaVITError("no prompt to generate from")
+        rows = [prompt_ids(model, prompt_pieces(p, [])) for p in prompts]
+        s.num_images = len(rows)
+        s.resolved()  # the seeds of every image must be valid
+    else:
+        rows = [prompt_ids(model, prompt_pieces(s.prompt, s.images), s.low_memory)] * s.num_images
     negative = None
     if s.negative_prompt:
         negative = model.text_tokenizer.encode(s.negative_prompt) + [model.token_ids.image_start]
@@ -206,7 +217,7 @@ def generate_stages(model, settings: GenerationSettings) -> Iterator[Union[Progr
     )
     generated = [[] for _ in range(s.num_images)]
     steps = 0
-    for steps, tokens in enumerate(stream_image_tokens(model.llm, [ids] * s.num_images, decoding, negative, s.seed), 1):
+    for steps, tokens in enumerate(stream_image_tokens(model.llm, rows, decoding, negative, s.seed), 1):
         for row, token in enumerate(tokens):
             if token is not None:
                 generated[row].append(token)
@@ -224,7 +235,8 @@ def generate_stages(model, settings: GenerationSettings) -> Iterator[Union[Progr
     yield Progress("decode", 0, 1)
     conditioning = model.decode_codes(codes, highres=highres)
     mx.eval(conditioning)
-    model.unload("highres_decoder" if highres else "lowres_decoder")
+    if s.low_memory:
+        model.unload("highres_decoder" if highres else "lowres_decoder")
     yield Progress("decode", 1, 1)
     images = yield from _denoise_and_decode(decoder, conditioning, s)
     yield Done(images, s, time.perf_counter() - start)
@@ -259,7 +271,8 @@ def reconstruct_stages(model, image, settings: GenerationSettings) -> Iterator[U
     decoder = model.pixel_decoder(highres)
     decoder.check_size(s.height, s.width)
     tokens = model.tokenize([image])[0]
-    model.unload("eva", "tokenizer")
+    if s.low_memory:
+        model.unload("eva", "tokenizer")
     if tokens.num_tokens == 0:
         raise LaVITError(f"{image}: the tokenizer kept no patch of this image; nothing to decode")
     yield Progress("decode", 0, 1)
@@ -318,6 +331,23 @@ def png_record(settings: GenerationSettings, index: int, model: Optional[str] = 
     return record
 
 
+def atomic_png(image, path: Path, pnginfo=None) -> None:
+    """Write a PIL image or uint8 array as PNG atomically (temporary file + rename)."""
+    path = Path(path)
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            picture.save(stream, format="PNG", pnginfo=pnginfo)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp files are private; an image is not
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def save_png(image: np.ndarray, path: Path, settings: GenerationSettings, index: int = 0,
              model: Optional[str] = None, reconstruction: bool = False) -> None:
     """Write atomically (temporary file + rename) with the settings as PNG text chunks.
@@ -330,15 +360,4 @@ def save_png(image: np.ndarray, path: Path, settings: GenerationSettings, index:
         info.add_text("prompt", settings.prompt)
     info.add_text("seed", str(record["seed"]))
     info.add_text("lavit", json.dumps(record))
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            Image.fromarray(image).save(stream, format="PNG", pnginfo=info)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp files are private; an image is not
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_png(image, path, info)

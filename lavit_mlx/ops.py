@@ -135,16 +135,21 @@ def policy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, visibl
     length = k.shape[2]
 
     def attend(qc: mx.array, rows: slice) -> mx.array:
-        scores = (qc @ k.transpose(0, 1, 3, 2)) * scale
-        if cpu_kernels(scores):
-            weights = _kernels.exp_from_max(scores)
-        else:
-            weights = mx.exp(scores - mx.max(scores, axis=-1, keepdims=True))
-        weights = weights * _rows(visible, rows)
-        probs = (weights + POLICY_EPS / length) / (mx.sum(weights, axis=-1, keepdims=True) + POLICY_EPS)
-        return probs @ v
+        return policy_probabilities(qc, k, scale, _rows(visible, rows)) @ v
 
     return _query_chunks(q, length, attend)
+
+
+def policy_probabilities(q: mx.array, k: mx.array, scale: float, visible: mx.array) -> mx.array:
+    """The merger's attention weights (B, heads, N, L) (see `policy_attention`)."""
+    length = k.shape[2]
+    scores = (q @ k.transpose(0, 1, 3, 2)) * scale
+    if cpu_kernels(scores):
+        weights = _kernels.exp_from_max(scores)
+    else:
+        weights = mx.exp(scores - mx.max(scores, axis=-1, keepdims=True))
+    weights = weights * visible
+    return (weights + POLICY_EPS / length) / (mx.sum(weights, axis=-1, keepdims=True) + POLICY_EPS)
 
 
 # ------------------------------------------------------------------------- convolutions

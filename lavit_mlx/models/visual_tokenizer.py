@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import TokenizerConfig
 from .. import ops
-from .layers import GELU, CrossAttention, Mlp, SelfAttention
+from .layers import GELU, CrossAttention, Mlp, SelfAttention, split_heads
 
 POLICY_EPS = 1e-6
 
@@ -96,6 +96,30 @@ class MergerBlock(nn.Module):
 
 class TokenMerger(nn.Module):
     """`causal_encoder`: kept tokens absorb the information of the dropped ones."""
+
+    def absorption(self, features: mx.array, keep: mx.array) -> mx.array:
+        """How much each token draws from each dropped patch: the cross-attention weights
+        (B, N queries, N patches), averaged over heads and blocks (for pictures; the same
+        computation as `__call__`)."""
+        n = features.shape[1]
+        keep = keep.astype(mx.float32)
+        rows = mx.arange(n)
+        eye = (rows[:, None] == rows[None, :]).astype(mx.float32)
+        causal = (rows[None, :] <= rows[:, None]).astype(mx.float32)
+        column = keep[:, None, None, :]
+        causal_visible = (column + (1.0 - column) * eye) * causal
+        cross_visible = 1.0 - column
+        x_origin = self.ln_vision(features)
+        x, total = features, 0.0
+        for block in self.blocks:
+            x = x + block.token_causal_attn(block.norm0(x), policy_attend(causal_visible))
+            attn = block.token_cross_attn
+            q = split_heads(attn.query(block.norm1(x)), attn.num_heads)
+            k, _ = attn.project_context(x_origin)
+            total = total + mx.mean(ops.policy_probabilities(q, k, attn.scale, cross_visible), axis=1)
+            x = x + attn(block.norm1(x), x_origin, policy_attend(cross_visible))
+            x = x + block.mlp(block.norm2(x))
+        return total / len(self.blocks)
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
