@@ -286,6 +286,7 @@ def test_mirror(case):
         reference = numpy_of(case.run_torch(torch_module, t_in, False))
     case.check(reference)
     eval_errors = compare(numpy_of(case.run_mlx(mlx_module, m_in, False)), reference, case.exact)
+    reference_eval = reference
 
     # train: sampled mask from the same noise, straight-through gradients
     loss_weights = {n: rng.standard_normal(reference[n].shape).astype(np.float32) for n in case.loss_on}
@@ -306,13 +307,17 @@ def test_mirror(case):
     largest = max(np.abs(g).max() for g in reference_grads_np.values())
     for name, expected in reference_grads_np.items():
         ours = np.array(ours_grads[name], np.float64)
-        # relative to the tensor's own largest gradient, floored at 0.1% of the model's: some
+        # relative to the tensor's own largest gradient, floored at 1% of the model's: some
         # gradients are zero in exact arithmetic (key biases under a softmax) and hold only
         # rounding noise in both frameworks
-        scale = max(np.abs(expected).max(), 1e-3 * largest)
+        scale = max(np.abs(expected).max(), 1e-2 * largest)
         grad_errors[name] = float(np.abs(ours - expected).max() / scale)
         assert grad_errors[name] <= TOL, f"gradient of {name}: max relative error {grad_errors[name]:.2e}"
     if case.name == "tokenizer":
+        # training mode draws the mask even without given noise (each framework its own draw)
+        deterministic = reference_eval["keep"]
+        assert not np.array_equal(torch_module(t_in["features"]).keep.detach().numpy(), deterministic)
+        assert not np.array_equal(np.array(mlx_module(m_in["features"]).keep), deterministic)
         # the selector learns only through the straight-through keep mask
         selector = reference_grads["token_predictor.out_conv.4.weight"]
         assert float(mx.abs(selector).max()) > 1e-4
