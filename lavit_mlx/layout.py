@@ -1,11 +1,14 @@
-"""Names of the released checkpoint layout (rain1011/LaVIT-7B-v2, reference section 2).
+"""Names of the released checkpoint layout (rain1011/LaVIT-7B-v2, reference section 2)
+and the strict key/shape rule every loader applies to it (`check_state`).
 
 Pure Python, shared by the MLX loader (`lavit_mlx.checkpoint`) and the PyTorch training
 path (`lavit_train`), neither of which should need the other's framework.
 """
 
 import re
-from typing import Callable, Dict
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+from .errors import CheckpointError
 
 RELEASE_FILES = {
     "eva": "visual_tokenizer/eva_vitg_psz14.bin",
@@ -45,6 +48,50 @@ KNOWN_EXTRAS: Dict[str, Callable[[str], bool]] = {
     # Old transformers checkpoints saved rotary buffers.
     "llm": lambda k: k.endswith("rotary_emb.inv_freq"),
 }
+
+
+
+def check_state(
+    expected: Mapping[str, Sequence[int]],
+    found: Mapping[str, Sequence[int]],
+    source: str,
+    known_extra: Optional[Callable[[str], bool]] = None,
+) -> None:
+    """The strict-loading rule of both loaders (MLX `weights.load_strict`, PyTorch
+    `lavit_train.checkpoint.load_state_strict`): every key the model has, with its exact
+    shape, and no key that belongs nowhere.
+
+    Args:
+        expected: {key: shape} of the model's parameters.
+        found: {key: shape} of the weights to load.
+        source: the file or folder the weights came from, named in the error.
+        known_extra: accepts the harmless extras the release is known to carry.
+
+    Raises:
+        CheckpointError: one line naming the first missing key, then the first key of the
+            wrong shape, then the first unexpected key (and how many more of that kind).
+    """
+    missing = [k for k in expected if k not in found]
+    wrong = [
+        (k, tuple(found[k]), tuple(expected[k]))
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
+    unexpected = [k for k in found if k not in expected and not (known_extra and known_extra(k))]
+
+    def more(items):
+        return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more(missing)}")
+    if wrong:
+        key, got, want = wrong[0]
+        raise CheckpointError(f"{source}: key {key!r} has shape {got}, the model expects {want}{more(wrong)}")
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected key {unexpected[0]!r}{more(unexpected)} belongs to no known component"
+        )
+
 
 # The MLX folder format written by `lavit convert` (docs/mlx-format.md).
 MLX_FORMAT = {

@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import CheckpointError
+from .layout import check_state
 
 Weights = Dict[str, mx.array]
 
@@ -112,30 +113,7 @@ def load_strict(
     `source` (the file or folder the weights came from).
     """
     expected = dict(tree_flatten(module.parameters()))
-    missing = [k for k in expected if k not in weights]
-    unexpected = [
-        k for k in weights if k not in expected and not (known_extra and known_extra(k))
-    ]
-    wrong = [
-        (k, tuple(weights[k].shape), tuple(expected[k].shape))
-        for k in expected
-        if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)
-    ]
-
-    def more(items):
-        return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
-
-    if missing:
-        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more(missing)}")
-    if wrong:
-        key, got, want = wrong[0]
-        raise CheckpointError(
-            f"{source}: key {key!r} has shape {got}, the model expects {want}{more(wrong)}"
-        )
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: unexpected key {unexpected[0]!r}{more(unexpected)} belongs to no known component"
-        )
+    check_state(shapes(expected), shapes(weights), source, known_extra)
     loaded = [
         (k, weights[k].astype(dtype) if dtype is not None and mx.issubdtype(weights[k].dtype, mx.floating) else weights[k])
         for k in expected

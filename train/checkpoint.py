@@ -1,23 +1,30 @@
 """Build the PyTorch mirror from a checkpoint folder in the released layout, strictly.
 
-Same rules as the MLX loader: sizes from tensor shapes, head counts given (16 in the
-release), every key required with its shape, only the release's known extras accepted.
+Same rules as the MLX loader: sizes from tensor shapes; head counts given, or the
+release's 16 at the release's width (`lavit_mlx.config.vision_heads_for`), else a
+one-line error asking for them; every key required with its shape and only the
+release's known extras accepted (`lavit_mlx.layout.check_state`, shared with MLX).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
 from lavit_convert.torch_io import load_pickle
-from lavit_mlx.config import EVAConfig, TokenizerConfig
+from lavit_mlx.config import EVAConfig, TokenizerConfig, VQDecoderConfig, check_heads
 from lavit_mlx.errors import CheckpointError
-from lavit_mlx.layout import KNOWN_EXTRAS, RELEASE_FILES
+from lavit_mlx.layout import KNOWN_EXTRAS, RELEASE_FILES, check_state
 
 from .models.eva_vit import EVAVisionTransformer
 from .models.visual_tokenizer import DynamicVisualTokenizer
+from .models.vq_decoder import VQDecoder
+
+
+def source_of(root, component: str) -> str:
+    return str(Path(root) / RELEASE_FILES[component])
 
 
 def read_state_dict(root: Path, component: str) -> dict:
@@ -30,63 +37,67 @@ def read_state_dict(root: Path, component: str) -> dict:
     return state
 
 
-def load_state_strict(module: nn.Module, state: dict, source: str, component: Optional[str] = None) -> nn.Module:
-    """`load_state_dict(strict=True)` with the release's known extras dropped and
-    one-line errors that name the key and the file."""
-    expected = module.state_dict()
-    known = KNOWN_EXTRAS.get(component) if component else None
-    extra = [k for k in state if k not in expected and not (known and known(k))]
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise CheckpointError(f"{source}: missing key {missing[0]!r}")
-    for key, value in expected.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{source}: key {key!r} has shape {tuple(state[key].shape)}, the model expects {tuple(value.shape)}"
-            )
-    if extra:
-        raise CheckpointError(f"{source}: unexpected key {extra[0]!r} belongs to no known component")
-    module.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True)
-    return module
-
-
 def shapes_of(state: dict) -> dict:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
+def infer_config(read: Callable[[dict], object], state: dict, source: str):
+    """A config from the tensor shapes; a key it needs that is absent is a one-line error."""
+    try:
+        return read(shapes_of(state))
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: missing key {exc}") from None
+
+
+def load_state_strict(module: nn.Module, state: dict, source: str, component: Optional[str] = None) -> nn.Module:
+    """`load_state_dict(strict=True)` after the shared key/shape check: the release's
+    known extras of `component` are dropped, anything else wrong is a one-line
+    CheckpointError that names the key and `source`. Returns the module in eval mode."""
+    expected = module.state_dict()
+    known = KNOWN_EXTRAS.get(component) if component else None
+    check_state(shapes_of(expected), shapes_of(state), source, known)
+    module.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True)
+    return module.eval()
+
+
 def load_eva(root, vision_heads: Optional[int] = None) -> EVAVisionTransformer:
+    """The EVA-CLIP tower of a release-layout folder (`vision_heads`: see module docstring)."""
     state = read_state_dict(root, "eva")
-    model = EVAVisionTransformer(EVAConfig.from_shapes(shapes_of(state), vision_heads))
-    return load_state_strict(model, state, str(Path(root) / RELEASE_FILES["eva"]), "eva").eval()
+    source = source_of(root, "eva")
+    config = infer_config(lambda shapes: EVAConfig.from_shapes(shapes, vision_heads), state, source)
+    check_heads(config.width, config.num_heads, "EVA vision transformer", source)
+    return load_state_strict(EVAVisionTransformer(config), state, source, "eva")
 
 
 def load_tokenizer(root, vision_heads: Optional[int] = None, understanding: bool = False,
                    llm_hidden: Optional[int] = None) -> DynamicVisualTokenizer:
     """The discrete tokenizer (`tokenizer_encoder.bin`) or, with `understanding`, the
-    selector with `visual_weight.bin`'s merger and projection loaded over it."""
+    selector with `visual_weight.bin`'s merger and projection loaded over it (as the
+    official `build_dynamic_tokenizer` does: a selector copy in visual_weight.bin wins)."""
     state = read_state_dict(root, "tokenizer")
-    config = TokenizerConfig.from_shapes(shapes_of(state), vision_heads)
-    source = str(Path(root) / RELEASE_FILES["tokenizer"])
+    source = source_of(root, "tokenizer")
+    config = infer_config(lambda shapes: TokenizerConfig.from_shapes(shapes, vision_heads), state, source)
+    check_heads(config.width, config.num_heads, "token merger", source)
     if not understanding:
-        model = DynamicVisualTokenizer(config, quantizer=True)
-        return load_state_strict(model, state, source, "tokenizer").eval()
+        return load_state_strict(DynamicVisualTokenizer(config, quantizer=True), state, source, "tokenizer")
     overlay = read_state_dict(root, "understanding")
+    source = source_of(root, "understanding")
     if "vit_proj.weight" not in overlay:
-        raise CheckpointError(f"{Path(root) / RELEASE_FILES['understanding']}: missing key 'vit_proj.weight'")
+        raise CheckpointError(f"{source}: missing key 'vit_proj.weight'")
     hidden = llm_hidden or overlay["vit_proj.weight"].shape[0]
     model = DynamicVisualTokenizer(config, quantizer=False, llm_hidden=hidden)
     merged = {k: v for k, v in state.items() if k.startswith("token_predictor.")}
     merged.update(overlay)
-    return load_state_strict(model, merged, str(Path(root) / RELEASE_FILES["understanding"]), "understanding").eval()
+    return load_state_strict(model, merged, source, "understanding")
 
 
-def load_decoder(root, highres: bool = True, vision_heads: Optional[int] = None):
+def load_decoder(root, highres: bool = True, vision_heads: Optional[int] = None) -> VQDecoder:
     """The high-res or low-res VQ decoder of a release-layout folder."""
-    from lavit_mlx.config import VQDecoderConfig
-
-    from .models.vq_decoder import VQDecoder
-
     component = "highres_decoder" if highres else "lowres_decoder"
     state = read_state_dict(root, component)
-    model = VQDecoder(VQDecoderConfig.from_shapes(shapes_of(state), vision_heads))
-    return load_state_strict(model, state, str(Path(root) / RELEASE_FILES[component]), component).eval()
+    source = source_of(root, component)
+    config = infer_config(lambda shapes: VQDecoderConfig.from_shapes(shapes, vision_heads), state, source)
+    check_heads(config.width, config.num_heads, "VQ decoder", source)
+    if config.highres:
+        check_heads(config.feature_dim, config.num_heads, "VQ decoder pooling", source)
+    return load_state_strict(VQDecoder(config), state, source, component)

@@ -1,13 +1,19 @@
-"""The LaVIT VQ decoders in PyTorch with the official state-dict keys.
+"""LaVIT's VQ decoders in PyTorch: visual codes -> conditioning for the diffusion UNet.
 
-Mirror of `lavit_mlx.models.vq_decoder` for the training path (reconstructing the frozen
-ViT's features from the kept, quantised tokens); both follow the official
-`LaVIT/models/modeling_decoder.py`.
+Mirror of `lavit_mlx.models.vq_decoder` (same names, same semantics) for the training
+path (reconstructing the frozen ViT's features from the kept, quantised tokens); both
+follow the official `LaVIT/models/modeling_decoder.py` (`VQDecoder`, `HighresVQDecoder`).
+Both share one trunk: codebook rows -> `in_proj` + `pos_embed`, then `query_embed`
+(one query per ViT patch) goes through `depth` blocks of self-attention, cross-attention
+to the (padded) code sequence and MLP, `norm`, `decode_task_layer` back to ViT-like
+1408-d features. The low-res head projects them to 768-d (SD-1.5 context); the high-res
+head to 768 || 1280 = 2048-d prompt embeddings plus a 1280-d pooled vector from an
+attention pool (SDXL's text_embeds).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,37 +21,18 @@ from torch import nn
 
 from lavit_mlx.config import VQDecoderConfig
 
-from .eva_vit import Mlp
-from .visual_tokenizer import merge_heads, split_heads
+from .layers import CrossAttention, Mlp, SelfAttention, merge_heads, split_heads
 
-PAD_BIAS = -10000.0
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+PAD_BIAS = -10000.0  # added to the scores of padded code positions, as the release does
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim)
-        self.value = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+def padded_attend(bias: torch.Tensor):
+    """Softmax attention with an additive (B, 1, 1, T) bias on the keys."""
 
-    def forward(self, x, codes, code_bias):
-        h = self.num_heads
-        q, k, v = split_heads(self.query(x), h), split_heads(self.key(codes), h), split_heads(self.value(codes), h)
-        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=code_bias)))
+    def attend(q, k, v, scale):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+
+    return attend
 
 
 class DecoderBlock(nn.Module):
@@ -59,13 +46,16 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(w, eps=config.eps)
         self.mlp = Mlp(w, config.mlp_dim)
 
-    def forward(self, x, codes, code_bias):
-        x = x + self.self_attn(self.norm0(x))
-        x = x + self.cross_attn(self.norm1(x), codes, code_bias)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, queries, codes, code_bias):
+        queries = queries + self.self_attn(self.norm0(queries))
+        queries = queries + self.cross_attn(self.norm1(queries), codes, padded_attend(code_bias))
+        return queries + self.mlp(self.norm2(queries))
 
 
 class AttentionPool(nn.Module):
+    """`unet_attnpool`: one multi-head attention over [mean token, tokens] + positions,
+    keeping the mean token's output (CLIP's AttentionPool2d on a token sequence)."""
+
     def __init__(self, num_tokens: int, dim: int, num_heads: int, out_dim: int):
         super().__init__()
         self.num_heads = num_heads
@@ -78,12 +68,16 @@ class AttentionPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding
         h = self.num_heads
-        q = split_heads(self.q_proj(x[:, :1]), h)
-        out = F.scaled_dot_product_attention(q, split_heads(self.k_proj(x), h), split_heads(self.v_proj(x), h))
+        scale = (x.shape[-1] // h) ** -0.5
+        query = split_heads(self.q_proj(x[:, :1]), h)  # only the mean token's output is kept
+        out = F.scaled_dot_product_attention(query, split_heads(self.k_proj(x), h), split_heads(self.v_proj(x), h),
+                                             scale=scale)
         return self.c_proj(merge_heads(out))[:, 0]
 
 
 class VQDecoder(nn.Module):
+    """The low-res (`highres=False`) or high-res VQ decoder, named as the checkpoint."""
+
     def __init__(self, config: VQDecoderConfig):
         super().__init__()
         self.config = config
@@ -101,21 +95,31 @@ class VQDecoder(nn.Module):
         else:
             self.unet_proj = nn.Linear(config.feature_dim, config.context_dims[0])
 
-    def features(self, code_rows: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Reconstructed ViT-like features (B, num_patches, feature_dim): the tokenizer's training target."""
-        lengths = [len(rows) for rows in code_rows]
+    def forward(self, code_rows: Sequence[torch.Tensor]) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Decode the codebook rows of each image (a list of (T_i, code_dim) tensors).
+
+        Returns:
+            low-res: context (B, num_patches, 768);
+            high-res: (prompt_embeds (B, num_patches, 2048), pooled (B, 1280)).
+        """
+        lengths = [int(rows.shape[0]) for rows in code_rows]
         longest = max(lengths)
-        codes = torch.stack([F.pad(self.in_proj(rows), (0, 0, 0, longest - n)) for rows, n in zip(code_rows, lengths)])
-        codes = codes + self.pos_embed[:, :longest]
-        valid = torch.arange(longest, device=codes.device)[None] < torch.tensor(lengths, device=codes.device)[:, None]
-        code_bias = torch.where(valid, 0.0, PAD_BIAS)[:, None, None, :].to(codes.dtype)
-        x = self.query_embed.expand(len(code_rows), -1, -1)
+        if longest == 0:
+            raise ValueError("no visual tokens to decode")
+        if longest > self.config.num_patches:
+            raise ValueError(f"{longest} visual tokens exceed the decoder's {self.config.num_patches} positions")
+        dtype = self.in_proj.weight.dtype
+        codes = torch.stack([
+            F.pad(self.in_proj(rows.to(dtype)), (0, 0, 0, longest - len_)) for rows, len_ in zip(code_rows, lengths)
+        ]) + self.pos_embed[:, :longest]  # (B, T, width); padded rows are zero + position
+        valid = torch.arange(longest, device=codes.device)[None, :] < torch.tensor(lengths, device=codes.device)[:, None]
+        code_bias = torch.where(valid, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, T)
+
+        x = self.query_embed.expand(len(code_rows), *self.query_embed.shape[1:])
         for block in self.blocks:
             x = block(x, codes, code_bias)
-        return self.decode_task_layer(self.norm(x))
-
-    def forward(self, code_rows: Sequence[torch.Tensor]):
-        x = self.features(code_rows)
+        x = self.decode_task_layer(self.norm(x))  # (B, num_patches, feature_dim)
         if not self.config.highres:
             return self.unet_proj(x)
-        return torch.cat([self.unet_proj_1(x), self.unet_proj_2(x)], dim=-1), self.unet_attnpool(x)
+        prompt_embeds = torch.cat([self.unet_proj_1(x), self.unet_proj_2(x)], dim=-1)
+        return prompt_embeds, self.unet_attnpool(x)
