@@ -104,7 +104,7 @@ def torch_tokenizer(args):
     tok.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tok.")})
 
     def run(pixels):
-        out = tok(eva(torch.from_numpy(pixels))[:, 1:])
+        out = tok.tokenize(eva(torch.from_numpy(pixels))[:, 1:])
         return [c.numpy() for c in out.codes], out.keep_mask.numpy()
 
     return run

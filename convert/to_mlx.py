@@ -258,6 +258,10 @@ def convert_to_mlx(src, out, options: ConvertOptions = ConvertOptions(),
     dtype = DTYPES[options.dtype] if options.dtype else None
 
     source_config = ckpt.config(heads)
+    for component in requested:
+        problem = ckpt.problems.get("tokenizer" if component == "understanding" else component)
+        if problem:
+            raise CheckpointError(problem)
     vision_bits = 8 if options.quantize_vision else None
 
     # Pass 1: check everything before writing anything.

@@ -51,6 +51,7 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.stored: dict = {}  # an MLX folder's config.json
+        self.problems: dict = {}  # component -> why its config could not be inferred
 
     def config(self, vision_heads: Optional[int] = None) -> LaVITConfig:
         """The nested config, inferred from tensor shapes and the folders' own configs.
@@ -61,10 +62,13 @@ class Checkpoint:
         config = LaVITConfig()
 
         def infer(name, read):
+            # a file that cannot describe its component (e.g. a tokenizer file holding only
+            # the codebook) is reported when that component is built, not before
             try:
                 return read(self.shapes(name))
             except KeyError as exc:
-                raise CheckpointError(f"{self.file(name)}: missing key {exc}") from None
+                self.problems[name] = f"{self.file(name)}: missing key {exc}"
+                return None
 
         if self.has("eva"):
             config.vision = infer("eva", lambda shapes: EVAConfig.from_shapes(_from_torch_layout(shapes), vision_heads))
@@ -82,6 +86,8 @@ class Checkpoint:
             if self.has(name):
                 setattr(config, name, self.pixel_config(name))
         codebook = config.tokenizer.codebook_size if config.tokenizer else TokenIds.codebook_size
+        if config.tokenizer is None and self.has("tokenizer"):
+            codebook = self.shapes("tokenizer").get("quantize.embedding.weight", (codebook,))[0]
         if config.llm is not None:
             try:
                 config.token_ids = TokenIds.for_vocab(config.llm.vocab_size, codebook)

@@ -102,6 +102,9 @@ def build_component(name: str, config: LaVITConfig, source: str = "") -> nn.Modu
 
 def load_vision(checkpoint: Checkpoint, name: str, config: LaVITConfig) -> nn.Module:
     source = str(checkpoint.file(name))
+    problem = checkpoint.problems.get("tokenizer" if name == "understanding" else name)
+    if problem:
+        raise CheckpointError(problem)
     module = build_component(name, config, source)
     weights = checkpoint.understanding_weights() if name == "understanding" else checkpoint.weights(name)
     return load_component(module, weights, source, torch_layout=checkpoint.torch_layout,

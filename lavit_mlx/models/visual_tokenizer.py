@@ -185,7 +185,7 @@ def hard_gumbel_keep(logprobs: mx.array, noise: mx.array, tau: float = 1.0) -> m
     softmax((logprobs + noise) / tau) (`F.gumbel_softmax(hard=True)[..., 0]`)."""
     soft = mx.softmax((logprobs + noise) / tau, axis=-1)
     hard = (soft[..., 0] >= soft[..., 1]).astype(soft.dtype)
-    return hard + soft[..., 0] - mx.stop_gradient(soft[..., 0])
+    return hard + (soft[..., 0] - mx.stop_gradient(soft[..., 0]))  # exactly 0/1 forward
 
 
 @dataclass

@@ -38,7 +38,7 @@ def test_mlx_matches_mirror_on_a_batch(spec):
     pixels = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         t_feat = t_eva(torch.from_numpy(pixels))
-        t_out, t_uout = t_tok(t_feat[:, 1:]), t_und(t_feat[:, 1:])
+        t_out, t_uout = t_tok.tokenize(t_feat[:, 1:]), t_und.tokenize(t_feat[:, 1:])
     m_feat = m_eva(mx.array(pixels))
     m_out, m_uout = m_tok.tokenize(m_feat[:, 1:]), m_und.tokenize(m_feat[:, 1:])
 

@@ -164,7 +164,7 @@ def hard_gumbel_keep(logprobs: torch.Tensor, noise: torch.Tensor, tau: float = 1
     softmax((logprobs + noise) / tau) (`F.gumbel_softmax(hard=True)[..., 0]`)."""
     soft = F.softmax((logprobs + noise) / tau, dim=-1)
     hard = (soft[..., 0] >= soft[..., 1]).to(soft.dtype)
-    return hard + soft[..., 0] - soft[..., 0].detach()
+    return hard + (soft[..., 0] - soft[..., 0].detach())  # exactly 0/1 forward
 
 
 @dataclass
