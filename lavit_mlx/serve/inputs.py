@@ -44,7 +44,7 @@ _SIZE = re.compile(r"^(\d+)x(\d+)$")
 # CLI flags in the library's messages -> the request fields that set them.
 _FIELDS = {"--height": "size", "--width": "size", "--steps": "steps", "--guidance": "guidance",
            "--llm-guidance": "llm_guidance", "-n": "n", "--seed": "seed", "--decoder": "decoder",
-           "--scheduler": "scheduler", "--image": "images"}
+           "--scheduler": "scheduler", "--image": "images", "--prompt": "prompt"}
 
 
 def check_model(requested: Optional[str], served: str) -> None:
@@ -232,14 +232,15 @@ def parse_size(size: Optional[str], decoder: str) -> Tuple[Optional[int], Option
 
 
 def _api_message(exc: LaVITError) -> APIError:
-    """A library message about CLI flags, in the request's field names."""
-    message, param = str(exc), None
+    """A library message about CLI flags, in the request's field names (the first one named is the param)."""
+    message, found = str(exc), []
     for flag, name in _FIELDS.items():
         pattern = re.compile(rf"(?<![\w-]){re.escape(flag)}(?![\w-])")
-        if pattern.search(message):
-            param = param or name
+        match = pattern.search(message)
+        if match:
+            found.append((match.start(), name))
             message = pattern.sub(name, message)
-    return invalid(message, param)
+    return invalid(message, min(found)[1] if found else None)
 
 
 def generation(model, body: ImageRequest, folder: Path) -> Generation:
