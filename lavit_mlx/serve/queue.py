@@ -64,6 +64,11 @@ class Job:
         return self.created + self.time_limit
 
 
+def closed() -> APIError:
+    """The last event of a cancelled job: its request's coroutine ends (nobody reads the answer)."""
+    return APIError(499, "the client closed the request", code="client_closed")
+
+
 class Worker:
     """The MLX thread and its queue.
 
@@ -100,11 +105,16 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel every job and end the thread (it stops at the running job's next step)."""
+        """Cancel every job and end the thread (it stops at the running job's next step).
+
+        Jobs still waiting get their last event now; the running one at its next step."""
         with self._cond:
             self._stopping = True
             for job in [*self._pending, *self._running]:
                 job.cancelled.set()
+            for job in self._pending:
+                self._finish(job, closed(), "cancelled")
+            self._pending.clear()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -132,8 +142,7 @@ class Worker:
             except ValueError:
                 return
             if not job.finished:
-                job.finished = True
-                self.counts["cancelled"] += 1
+                self._finish(job, closed(), "cancelled")
 
     def stats(self) -> dict:
         with self._cond:
@@ -187,7 +196,7 @@ class Worker:
         if job.finished:
             return False
         if job.cancelled.is_set():
-            self._finish(job, None, "cancelled")
+            self._finish(job, closed(), "cancelled")
             return False
         if time.monotonic() > job.deadline:
             self._finish(job, APIError(504, f"the request took longer than the server's limit of "
@@ -199,8 +208,7 @@ class Worker:
     def _finish(self, job: Job, event: Any, outcome: str) -> None:
         job.finished = True
         self.counts[outcome] += 1
-        if event is not None:
-            self._send(job, event)
+        self._send(job, event)
 
     @staticmethod
     def _send(job: Job, event: Any) -> None:

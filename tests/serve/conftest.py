@@ -64,7 +64,7 @@ class Server:
             parsed = json.loads(text)
         except ValueError:
             parsed = text
-        return response.status, dict(response.getheaders()), parsed
+        return response.status, response.headers, parsed  # headers: case-insensitive
 
     def health(self) -> dict:
         return self.request("GET", "/health", key=None)[2]

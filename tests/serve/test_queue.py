@@ -130,6 +130,7 @@ def test_a_cancelled_running_job_stops_at_the_next_step():
         worker.submit(job)
         assert events.get(timeout=10) == ("step", 0)
         worker.cancel(job)
+        assert final(events).status == 499  # the request's coroutine is told, so it ends
         follow, follow_events = make_job("echo", "next")
         worker.submit(follow)
         assert final(follow_events).value == "done next"
