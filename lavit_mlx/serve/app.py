@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
+import anyio
+import mlx.core as mx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -58,6 +60,7 @@ class ServeOptions:
     batch_wait: float = 0.01  # seconds to wait for company when a batchable request comes alone
     time_limit: float = 600.0  # seconds per request, queueing included
     max_body_bytes: int = 64 * 2**20
+    check_threads: int = 4  # threads that check requests and encode PNGs
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -152,6 +155,9 @@ def create_app(model, options: ServeOptions) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Requests are checked (images decoded) on a few threads, not anyio's 40: each thread
+        # would keep its own malloc arena, and two cores gain nothing from more.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = options.check_threads
         worker.start()
         try:
             yield
@@ -196,7 +202,8 @@ def create_app(model, options: ServeOptions) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "loaded": list(model.loaded), **worker.stats()}
+        memory = {"mlx_active_bytes": mx.get_active_memory(), "mlx_cache_bytes": mx.get_cache_memory()}
+        return {"status": "ok", "model": name, "loaded": list(model.loaded), **worker.stats(), **memory}
 
     api = APIRouter()
 
