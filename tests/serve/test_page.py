@@ -71,8 +71,11 @@ def test_the_page_generates_captions_and_shows_the_overlay(browser, server, inpu
     assert size == [32, 32]
     assert "32x32, seed 4" in page.inner_text("#gen-status")
     statuses = page.evaluate("() => window.__statuses")
-    assert any(s.startswith("gen-status: image tokens (LLM): ") for s in statuses), statuses
-    assert "gen-status: denoising (UNet): 1/2" in statuses and "gen-status: denoising (UNet): 2/2" in statuses
+    # progress arrives step by step (several events read at once show only the last one)
+    tokens = [s for s in statuses if s.startswith("gen-status: image tokens (LLM): ")]
+    assert len(tokens) >= 3, statuses
+    later = ("gen-status: VQ decoder", "gen-status: denoising (UNet)", "gen-status: VAE decode")
+    assert any(s.startswith(later) for s in statuses), statuses
 
     page.set_input_files("#upload", str(input_png))
     page.wait_for_selector("#overlay:not([hidden])", timeout=60_000)
