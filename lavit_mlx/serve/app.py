@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
-import json
 import logging
 import shutil
 import tempfile
@@ -40,13 +38,14 @@ from starlette.exceptions import HTTPException
 
 from ..generation import Progress, save_png
 from . import inputs, schemas
-from .errors import APIError, server_error
+from .errors import APIError, from_validation, server_error
+from .events import Channel, Pending, TextStream, sse
+from .guard import Guard
 from .queue import Job, Result, Worker
-from .tasks import CLEANERS, RUNNERS, Completion, TextUpdate
+from .tasks import RUNNERS, Completion, TextUpdate
 
 log = logging.getLogger("lavit.serve")
 PAGE = Path(__file__).with_name("page.html")
-OPEN_PATHS = {"/health", "/"}  # no API key: the liveness probe and the page (which asks for the key)
 
 
 @dataclass
@@ -61,85 +60,6 @@ class ServeOptions:
     time_limit: float = 600.0  # seconds per request, queueing included
     max_body_bytes: int = 64 * 2**20
     check_threads: int = 4  # threads that check requests and encode PNGs
-
-
-# ----------------------------------------------------------------------------- plumbing
-class Channel:
-    """Events of one job, from the worker thread to the request's coroutine."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-
-    def deliver(self, event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-class Pending:
-    """A submitted job seen from its request: its events; cancelled when the client leaves."""
-
-    def __init__(self, worker: Worker, job: Job, channel: Channel, request: Request):
-        self.worker, self.job, self.channel = worker, job, channel
-        self.watch = asyncio.create_task(self._watch(request))
-
-    async def _watch(self, request: Request) -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                self.worker.cancel(self.job)
-                return
-
-    async def next(self) -> Any:
-        """The next event; an `APIError` event is raised."""
-        event = await self.channel.events.get()
-        if isinstance(event, APIError):
-            raise event
-        return event
-
-    async def result(self) -> Any:
-        while True:
-            event = await self.next()
-            if isinstance(event, Result):
-                return event.value
-
-    def close(self) -> None:
-        self.watch.cancel()
-        self.worker.cancel(self.job)  # nothing left to do if it has finished
-
-
-def sse(data: Any, event: Optional[str] = None) -> str:
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
-
-
-class TextStream:
-    """Deltas of the cleaned text while tokens arrive, such that the deltas add up to the
-    final answer: the cleaners cut at stop strings, so the last `hold` characters wait
-    until they cannot be cut any more. Beam search is not streamed (its best beam changes
-    until the end): its answer comes as one delta."""
-
-    HOLD = {"caption": 0, "vqa": len("Long answer:")}  # the longest stop string of the cleaner
-
-    def __init__(self, task: str, live: bool):
-        self.clean, self.hold, self.live = CLEANERS[task], self.HOLD[task], live
-        self.sent = ""
-
-    def update(self, raw: str) -> str:
-        if not self.live:
-            return ""
-        text = self.clean(raw)
-        text = text[:len(text) - self.hold] if self.hold else text
-        text = text.rstrip("\ufffd")  # an incomplete UTF-8 character
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-    def finish(self, final: str) -> str:
-        if not final.startswith(self.sent):
-            log.warning("streamed text %r is not a prefix of the answer %r", self.sent, final)
-            return ""
-        return final[len(self.sent):]
 
 
 # ----------------------------------------------------------------------------- the application
@@ -181,7 +101,7 @@ def create_app(model, options: ServeOptions) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return JSONResponse(validation_message(exc).body(), status_code=400)
+        return JSONResponse(from_validation(exc.errors()).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -203,7 +123,7 @@ def create_app(model, options: ServeOptions) -> FastAPI:
     @app.get("/health")
     async def health():
         memory = {"mlx_active_bytes": mx.get_active_memory(), "mlx_cache_bytes": mx.get_cache_memory()}
-        return {"status": "ok", "model": name, "loaded": list(model.loaded), **worker.stats(), **memory}
+        return {"status": "ok", "model": name, "loaded": loaded(model), **worker.stats(), **memory}
 
     api = APIRouter()
 
@@ -371,79 +291,11 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def validation_message(exc: RequestValidationError) -> APIError:
-    """FastAPI's validation errors as one OpenAI-style line naming the field."""
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        where = first["loc"][-1] if len(first["loc"]) > 1 else "?"
-        detail = (first.get("ctx") or {}).get("error", "")
-        return APIError(400, f"the body is not valid JSON ({detail} at character {where})", code="invalid_json")
-    loc = [part for part in first.get("loc", ()) if part != "body"]
-    # pydantic names union branches in the location (str, list[...]): drop them
-    loc = [part for part in loc if not (isinstance(part, str) and ("[" in part or part in ("str", "int")))]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    message = first.get("msg", "invalid value")
-    if first.get("type") == "missing":
-        return APIError(400, f"missing required field {param}", param=param, code="missing_field")
-    return APIError(400, f"{param or 'body'}: {message}", param=param, code="invalid_value")
-
-
-class Guard:
-    """ASGI middleware run before routing: the API key (every path but /health and the
-    page) and the body size limit (the body is read here, at most `max_body` bytes)."""
-
-    def __init__(self, app, api_key: Optional[str], max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and scope["path"] not in OPEN_PATHS:
-            problem = self._key_problem(headers.get("authorization"))
-            if problem:
-                error = APIError(401, problem, code="invalid_api_key")
-                return await JSONResponse(error.body(), status_code=401,
-                                          headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            too_large = APIError(413, f"the request body is larger than {self.max_body // 2**20} MiB",
-                                 code="request_too_large")
-            declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_body:
-                return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
-            chunks, size, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                more = message.get("more_body", False)
-                if size > self.max_body:
-                    return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
-            receive = _replay(b"".join(chunks), receive)
-        await self.app(scope, receive, send)
-
-    def _key_problem(self, header: Optional[str]) -> Optional[str]:
-        if not header:
-            return "missing API key: send the header 'Authorization: Bearer KEY'"
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            return "the Authorization header must be 'Bearer KEY'"
-        if not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            return "incorrect API key"
-        return None
-
-
-def _replay(body: bytes, receive):
-    """A receive that gives the body read by `Guard` once, then the connection's own messages."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+def loaded(model) -> list:
+    """The built components, read while the worker may be adding one (no lock: a build can take minutes)."""
+    for _ in range(10):
+        try:
+            return list(model.loaded)
+        except RuntimeError:  # the module's dict changed size during the iteration
+            continue
+    return []

@@ -33,3 +33,20 @@ def invalid(message: str, param: Optional[str] = None, code: Optional[str] = Non
 
 def server_error(message: str = "the server failed on this request; it is logged and the server goes on") -> APIError:
     return APIError(500, message, type="server_error", code="internal_error")
+
+
+def from_validation(errors: list) -> APIError:
+    """FastAPI's validation errors (`RequestValidationError.errors()`) as one line naming the field."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        where = first["loc"][-1] if len(first["loc"]) > 1 else "?"
+        detail = (first.get("ctx") or {}).get("error", "")
+        return APIError(400, f"the body is not valid JSON ({detail} at character {where})", code="invalid_json")
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    # pydantic names union branches in the location (str, list[...]): drop them
+    loc = [part for part in loc if not (isinstance(part, str) and ("[" in part or part in ("str", "int")))]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        return APIError(400, f"missing required field {param}", param=param, code="missing_field")
+    return APIError(400, f"{param or 'body'}: {message}", param=param, code="invalid_value")

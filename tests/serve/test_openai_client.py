@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import pytest
 from conftest import data_url, image_message
@@ -142,3 +143,43 @@ def test_errors_surface_as_the_clients_exceptions(server, client, image_url):
     with pytest.raises(openai.BadRequestError) as remote:
         client.chat.completions.create(model=server.model, messages=image_message("https://example.com/cat.png"))
     assert "offline" in remote.value.body["message"]
+
+
+def test_requests_batched_together_get_the_answers_they_get_alone(client, server, model, input_png):
+    import threading
+
+    from PIL import Image
+
+    from lavit_mlx.understanding import caption
+
+    picture = Image.open(input_png).convert("RGB")
+    variants = [picture, picture.transpose(Image.FLIP_LEFT_RIGHT), picture.rotate(90),
+                picture.crop((0, 0, picture.width // 2, picture.height // 2))]
+    urls = []
+    for variant in variants:
+        buffer = io.BytesIO()
+        variant.save(buffer, format="PNG")
+        urls.append(data_url(buffer.getvalue()))
+    before = server.health()
+    answers = [None] * len(urls)
+
+    def ask(index):
+        answers[index] = client.chat.completions.create(model=server.model, messages=image_message(urls[index]),
+                                                        max_tokens=6).choices[0].message.content
+
+    # a generation holds the worker while the four captions queue up behind it
+    busy = threading.Thread(target=lambda: client.images.generate(
+        model=server.model, prompt="a red car", size="16x16", extra_body={"steps": 2, "max_new_tokens": 40}))
+    busy.start()
+    deadline = time.monotonic() + 30
+    while server.health()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(urls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads + [busy]:
+        thread.join(120)
+    after = server.health()
+    assert after["batched_jobs"] - before["batched_jobs"] >= 2, (before, after)
+    alone = [caption(model, [variant], max_new_tokens=6, min_new_tokens=6)[0].text for variant in variants]
+    assert answers == alone
