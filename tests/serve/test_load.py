@@ -17,7 +17,7 @@ from conftest import API_KEY, data_url, image_message
 
 CLIENTS = 16
 REQUESTS_PER_CLIENT = 8  # 128 requests in all
-TIME_BUDGET = 60.0
+TIME_BUDGET = 60.0  # seconds for the measured round (the whole test took 22 s on a busy 2-core machine)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,9 @@ def run_clients(server, image_url, clients: int, per_client: int):
 
 
 def warm_up(server, image_url) -> None:
-    """The first requests: every kind, and batches of every size (each new shape of MLX work
-    adds its kernels and buffers once)."""
+    """The first requests: every kind, batches of every size (each new shape of MLX work adds
+    its kernels and buffers once) and a round of the load itself (the heaps' high-water mark:
+    lavit's mallopt keeps freed memory in the process)."""
     for question in (None, "What is it?"):
         for size in range(server_batch(server), 0, -1):
             barrier = threading.Barrier(size)
@@ -81,7 +82,7 @@ def warm_up(server, image_url) -> None:
                 thread.start()
             for thread in threads:
                 thread.join(TIME_BUDGET)
-    run_clients(server, image_url, clients=CLIENTS, per_client=2)
+    run_clients(server, image_url, clients=CLIENTS, per_client=REQUESTS_PER_CLIENT // 2)
     server.wait_idle()
 
 
