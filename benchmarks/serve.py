@@ -8,7 +8,7 @@ The worker process loads the model once and serves it (uvicorn on a localhost po
 thread); client threads send the OpenAI requests over HTTP, each one after the other,
 until `--requests` have been answered. Every client count runs twice: with the server's
 batching (`--max-batch`, understanding requests that wait together share one forward) and
-with `--max-batch 1` (one request at a time); "mean batch" is requests per forward. The
+one request at a time (max batch 1); "mean batch" is requests per forward. The
 default model is the official-tiny fixture (random weights: only speed means anything);
 point `--model` at a real checkpoint for real numbers.
 """
@@ -131,13 +131,16 @@ def work(args) -> dict:
     image = Path(args.image).read_bytes()
     body = caption_body("data:image/png;base64," + base64.b64encode(image).decode("ascii"), args.max_tokens)
     results = {"captions": {}, "generation": None}
-    for mode, max_batch in (("batched", args.max_batch), ("one at a time", 1)):
-        with LocalServer(model, max_batch) as server:
-            load(server, body, min(args.clients), min(args.clients))  # loads the components, warms the kernels
+    # One server, so one worker thread, for the whole run: MLX arrays belong to the thread
+    # that made them. Batching is switched by the worker's max_batch.
+    with LocalServer(model, args.max_batch) as server:
+        worker = server.app.state.worker
+        load(server, body, min(args.clients), min(args.clients))  # loads the components, warms the kernels
+        for mode, max_batch in (("batched", args.max_batch), ("one at a time", 1)):
+            worker.max_batch = max_batch
             for clients in args.clients:
                 load(server, body, clients, clients)  # this client count's batch shapes once
                 results["captions"][f"{mode}|{clients}"] = load(server, body, clients, args.requests)
-    with LocalServer(model, args.max_batch) as server:
         request = {"prompt": "a sculpture of a duck made of wool", "size": args.size, "steps": args.steps, "seed": 1}
         if args.image_tokens:
             request.update(max_new_tokens=args.image_tokens, min_new_tokens=min(20, args.image_tokens))

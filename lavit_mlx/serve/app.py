@@ -56,7 +56,7 @@ class ServeOptions:
     api_key: Optional[str] = None
     max_queue: int = 16  # waiting requests; more get a 429
     max_batch: int = 8  # understanding requests per forward
-    batch_wait: float = 0.01  # seconds to wait for company when a batchable request comes alone
+    batch_wait: float = 0.1  # most seconds a batch waits for requests still being checked
     time_limit: float = 600.0  # seconds per request, queueing included
     max_body_bytes: int = 64 * 2**20
     check_threads: int = 4  # threads that check requests and encode PNGs
@@ -105,9 +105,11 @@ def create_app(model, options: ServeOptions) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        kind = "not_found" if exc.status_code == 404 else None
-        message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        error = APIError(exc.status_code, message, code=kind)
+        method, path = request.method, request.url.path
+        known = {404: (f"no route {method} {path}", "not_found"),
+                 405: (f"{path} does not take {method}", "method_not_allowed")}
+        message, code = known.get(exc.status_code, (str(exc.detail), None))
+        error = APIError(exc.status_code, message, code=code)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -140,8 +142,9 @@ def create_app(model, options: ServeOptions) -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat(body: schemas.ChatRequest, request: Request):
         inputs.check_model(body.model, name)
-        task = await run_in_threadpool(inputs.understanding, model, body)
-        pending = submit("understand", task, task.batch_key(), request)
+        with worker.arriving():
+            task = await run_in_threadpool(inputs.understanding, model, body)
+            pending = submit("understand", task, task.batch_key(), request)
         ident = schemas.completion_id()
         stream = TextStream(task.task, live=task.decoding.num_beams == 1)
         if not body.stream:

@@ -24,6 +24,7 @@ import math
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
@@ -77,12 +78,13 @@ class Worker:
         runners: {job kind: runner(model, requests) -> (index, event) pairs}.
         max_queue: jobs that may wait; more are refused with a 429.
         max_batch: most jobs of one batch key run together.
-        batch_wait: seconds the worker waits for more jobs of a batch key when it takes
-            one alone (requests sent together arrive a few milliseconds apart).
+        batch_wait: the most seconds the worker waits, before running a batch, for the
+            requests that are still being checked (`arriving`): requests sent together
+            reach the queue some milliseconds apart. Nothing arriving: no wait.
     """
 
     def __init__(self, model, runners: Dict[str, Runner], max_queue: int = 16, max_batch: int = 8,
-                 batch_wait: float = 0.01):
+                 batch_wait: float = 0.1):
         if max_queue < 1 or max_batch < 1:
             raise LaVITError(f"queue size {max_queue} and batch size {max_batch} must be at least 1")
         self.model = model
@@ -94,6 +96,7 @@ class Worker:
         self._running: List[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._arriving = 0  # batchable requests being checked on the HTTP side
         self._thread: Optional[threading.Thread] = None
         self._seconds_per_job = 1.0  # running mean of a job's share of its batch, for Retry-After
         self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "refused": 0,
@@ -132,6 +135,19 @@ class Worker:
                                headers={"Retry-After": str(wait)})
             self._pending.append(job)
             self._cond.notify_all()
+
+    @contextmanager
+    def arriving(self):
+        """Held by the HTTP side while it checks a batchable request, so that the worker,
+        about to run a batch, waits for it (at most `batch_wait`)."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
         """The client has gone: drop the job from the queue, or stop it at its next step."""
@@ -179,9 +195,12 @@ class Worker:
             head = self._pending.popleft()
             batch = [head]
             if head.batch_key is not None and self.max_batch > 1:
-                if self.batch_wait > 0 and not any(j.batch_key == head.batch_key for j in self._pending):
-                    self._running = batch  # visible as running while it waits for company
-                    self._cond.wait(self.batch_wait)
+                self._running = batch  # visible as running while it waits for company
+                # Requests still being checked will likely join: wait for them, briefly.
+                end = time.monotonic() + self.batch_wait
+                while (self._arriving and not self._stopping and time.monotonic() < end
+                       and sum(j.batch_key == head.batch_key for j in self._pending) < self.max_batch - 1):
+                    self._cond.wait(max(0.0, end - time.monotonic()))
                 for job in list(self._pending):
                     if len(batch) == self.max_batch:
                         break

@@ -169,3 +169,24 @@ def test_errors_end_as_api_errors_and_the_worker_goes_on(worker):
     assert fault.status == 400 and "longer than the LLM's context" in fault.message
     assert final(after_events).value == "done z"
     assert worker.stats()["failed"] == 2
+
+
+def test_a_batch_waits_for_requests_still_being_checked(recorder):
+    worker = Worker(None, {"echo": recorder.echo}, max_queue=8, max_batch=4, batch_wait=2.0)
+    worker.start()
+    try:
+        first, first_events = make_job("echo", "first", key="k")
+        later, later_events = make_job("echo", "later", key="k")
+        with worker.arriving():  # "later" is being checked when "first" reaches the queue
+            worker.submit(first)
+            time.sleep(0.3)
+            worker.submit(later)
+        assert final(first_events).value == "done first" and final(later_events).value == "done later"
+        assert recorder.batches == [["first", "later"]]
+        alone, alone_events = make_job("echo", "alone", key="k")
+        start = time.monotonic()
+        worker.submit(alone)  # nothing is arriving: no wait
+        final(alone_events)
+        assert time.monotonic() - start < 1.0
+    finally:
+        worker.stop()
