@@ -68,7 +68,7 @@ def data_url_bytes(url: str, param: str) -> bytes:
         raise invalid(f"{param}: the data URL must be base64-encoded (data:image/png;base64,...)", param,
                       code="invalid_image_url")
     try:
-        data = base64.b64decode(url[match.end():], validate=True)
+        data = base64.b64decode("".join(url[match.end():].split()), validate=True)  # line breaks are allowed
     except (binascii.Error, ValueError):
         raise invalid(f"{param}: the data URL's base64 does not decode", param, code="invalid_image") from None
     if not data:
