@@ -768,6 +768,31 @@ def convert(
         typer.echo(f"left unquantized in {component} (width not divisible by {group_size}): {', '.join(layers)}")
 
 
+# ------------------------------------------------------------------------- serving
+@app.command()
+def serve(
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    quantize: Optional[Bits] = QuantizeOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LAVIT_API_KEY", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' on every route but /health "
+                                               "and the page. Default: $LAVIT_API_KEY, else none."),
+    queue_size: int = typer.Option(16, "--queue-size", min=1, help="Requests that may wait; more get HTTP 429."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Understanding requests decoded in one forward."),
+    timeout: float = typer.Option(600.0, "--timeout", min=0.001, help="Seconds a request may take, waiting included."),
+):
+    """Serve the model over HTTP: an OpenAI-compatible API (chat completions with images, image
+    generations) and a web page at /."""
+    from lavit_mlx.serve import check_options, serve as run
+
+    check_options(host, port, api_key, queue_size, max_batch, timeout)
+    run(_model_path(model), host=host, port=port, api_key=api_key, vision_heads=vision_heads,
+        quantize=int(quantize) if quantize else None, max_queue=queue_size, max_batch=max_batch,
+        time_limit=timeout, announce=_note)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `lavit` console script."""
     import lavit_mlx  # noqa: F401  (loads the fast BLAS before anything imports mlx)
