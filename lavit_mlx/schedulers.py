@@ -216,8 +216,15 @@ class DDIMScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self._check_steps(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
         steps = _spaced_timesteps(self.config, num_inference_steps, self.config.num_train_timesteps)
+        if steps.size and int(steps.max()) >= self.config.num_train_timesteps:
+            # e.g. 1000 "leading" steps with steps_offset 1 reach timestep 1000, past the schedule
+            most = next(n for n in range(num_inference_steps - 1, 0, -1)
+                        if int(_spaced_timesteps(self.config, n, self.config.num_train_timesteps).max())
+                        < self.config.num_train_timesteps)
+            raise LaVITError(f"{self.name} scheduler: {num_inference_steps} steps reach timestep {int(steps.max())}, "
+                             f"past the {self.config.num_train_timesteps} of the schedule; use at most {most} steps")
+        self.num_inference_steps = num_inference_steps
         self.timesteps = steps.astype(np.int64).copy()
 
     def step(self, model_output, timestep, sample):
