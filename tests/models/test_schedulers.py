@@ -140,3 +140,17 @@ def test_unknown_scheduler_and_step_count():
         make_scheduler("pndm", LAVIT_CONFIG)
     with pytest.raises(LaVITError, match="1001 steps"):
         make_scheduler("euler", LAVIT_CONFIG).set_timesteps(1001)
+
+
+def test_too_many_ddim_steps_is_a_one_line_error(official_checkpoint):
+    import json
+
+    from lavit_mlx.errors import LaVITError
+    from lavit_mlx.schedulers import make_scheduler
+
+    config = json.loads((official_checkpoint / "pixel_decoding" / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = make_scheduler("ddim", config)
+    with pytest.raises(LaVITError, match="use at most 999 steps"):
+        scheduler.set_timesteps(1000)
+    scheduler.set_timesteps(999)
+    assert int(scheduler.timesteps.max()) == 999
