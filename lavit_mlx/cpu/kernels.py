@@ -20,6 +20,7 @@ same forms run uncompiled (slower, still no libm).
 from __future__ import annotations
 
 import math
+from typing import Callable, List, Sequence
 
 import mlx.core as mx
 
@@ -135,24 +136,41 @@ def _side_stream():
 
 
 def _elementwise(fn, x: mx.array, *args: mx.array) -> mx.array:
-    """Compiled `fn(x, *args)`; when large, its halves along axis 1 run on two threads.
+    """Compiled `fn(x, *args)`; when large, its halves along one axis run on two threads.
 
-    Each arg has x's shape (split with it) or size 1 along axis 1 (broadcast).
+    The axis is 1, or for a single-row axis 1 (one attention head) the next one before
+    the last. Each arg has x's shape (split with it) or size 1 along that axis (broadcast).
     """
     kernel = _kernel(fn)
-    if x.size < _SPLIT_MIN_ELEMENTS or x.ndim < 2 or x.shape[1] < 2:
+    axis = 1 if x.ndim < 3 or x.shape[1] >= 2 else next((a for a in range(2, x.ndim - 1) if x.shape[a] >= 2), 1)
+    if x.size < _SPLIT_MIN_ELEMENTS or x.ndim < 2 or x.shape[axis] < 2:
         return kernel(x, *args)
-    half = x.shape[1] // 2
+    half = x.shape[axis] // 2
 
     def part(a: mx.array, second: bool) -> mx.array:
-        if a.ndim < 2 or a.shape[1] == 1:
+        if a.ndim < 2 or a.shape[axis] == 1:
             return a
-        return a[:, half:] if second else a[:, :half]
+        index = (slice(None),) * axis + (slice(half, None) if second else slice(None, half),)
+        return a[index]
 
     first = kernel(part(x, False), *[part(a, False) for a in args])
     with mx.stream(_side_stream()):
         second = kernel(part(x, True), *[part(a, True) for a in args])
-    return mx.concatenate([first, second], axis=1)
+    return mx.concatenate([first, second], axis=axis)
+
+
+def in_sequence(pieces: Sequence[mx.array], fn: Callable[[mx.array, int], mx.array]) -> List[mx.array]:
+    """[fn(piece, i)], each computed only after the previous result (`mx.depends`).
+
+    MLX schedules independent pieces side by side (breadth first), so without the chain
+    the intermediates of many pieces would be alive together.
+    """
+    results: List[mx.array] = []
+    for i, piece in enumerate(pieces):
+        if results:
+            piece = mx.depends(piece, results[-1])
+        results.append(fn(piece, i))
+    return results
 
 
 def silu(x: mx.array) -> mx.array:
