@@ -28,8 +28,8 @@ from .cpu import kernels as _kernels
 
 ATTENTION_SINGLE_PASS_BYTES = 256 * 2**20  # scores up to this size: one pass, as tuned
 # Chunks stay small because MLX allocates each operation's output when it queues it, up
-# to ~10 operations ahead of the one running: about a dozen chunks are alive at once.
-ATTENTION_CHUNK_BYTES = 32 * 2**20
+# to ~10 operations ahead of the one running: several chunks are alive at once.
+ATTENTION_CHUNK_BYTES = 64 * 2**20
 POLICY_EPS = 1e-6  # the merger's masked softmax (official `softmax_with_policy`)
 
 _state = threading.local()

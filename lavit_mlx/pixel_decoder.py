@@ -171,7 +171,14 @@ class PixelDecoder:
             yield i + 1, total, latents
 
     def to_images(self, latents: mx.array) -> np.ndarray:
-        """Latents -> uint8 images (B, H, W, 3), decoded in float32 as the release does."""
-        images = self.vae_decode_raw(latents.astype(mx.float32) / self.scaling_factor)
-        images = mx.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-        return np.round(np.array(images) * 255).astype(np.uint8)
+        """Latents -> uint8 images (B, H, W, 3), decoded in float32 as the release does.
+
+        One image at a time: the VAE's full-size activations dominate its memory, and
+        each image decodes independently.
+        """
+        images = []
+        for i in range(latents.shape[0]):
+            decoded = self.vae_decode_raw(latents[i:i + 1].astype(mx.float32) / self.scaling_factor)
+            decoded = mx.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+            images.append(np.round(np.array(decoded) * 255).astype(np.uint8))
+        return np.concatenate(images)

@@ -207,18 +207,46 @@ def group_norm(
     return _elementwise(_affine_silu if apply_silu else _affine, x, scale, shift)
 
 
+def _attention_rows(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.array | None) -> mx.array:
+    scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, heads, N, L)
+    if bias is not None:
+        scores = scores + bias
+    weights = _kernel(_softmax_weights)(scores, mx.max(scores, axis=-1, keepdims=True))
+    # Normalise the (N, head_dim) output rather than the (N, L) weights: fewer divisions.
+    return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.array | None = None) -> mx.array:
     """softmax(q k^T * scale + bias) v for (B, heads, N, head_dim) inputs.
 
     `bias` (optional) is additive and broadcasts against the scores (B, heads, N, L),
-    e.g. a padding bias of shape (B, 1, 1, L).
+    e.g. a padding bias of shape (B, 1, 1, L). When large, the two halves of the heads
+    (else of the batch, else of the queries) run on two threads, each computing its own
+    scores, row maxima and sums: no full-size copy joins them, only the outputs.
     """
-    scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, heads, N, L)
+    B, H, N, _ = q.shape
+    if B * H * N * k.shape[2] < _SPLIT_MIN_ELEMENTS or max(B, H, N) < 2:
+        return _attention_rows(q, k, v, scale, bias)
+    axis = 1 if H >= 2 else 0 if B >= 2 else 2
+    half = q.shape[axis] // 2
     if bias is not None:
-        scores = scores + bias
-    weights = _elementwise(_softmax_weights, scores, mx.max(scores, axis=-1, keepdims=True))
-    # Normalise the (N, head_dim) output rather than the (N, L) weights: fewer divisions.
-    return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+
+    def part(a: mx.array | None, second: bool, follows_queries: bool = True) -> mx.array | None:
+        if a is None or a.shape[axis] == 1 or not follows_queries:
+            return a
+        index = (slice(None),) * axis + (slice(half, None) if second else slice(None, half),)
+        return a[index]
+
+    def half_attention(second: bool) -> mx.array:
+        shared = axis != 2  # keys and values split with heads or batch, not with query rows
+        return _attention_rows(part(q, second), part(k, second, shared), part(v, second, shared), scale,
+                               part(bias, second))
+
+    first = half_attention(False)
+    with mx.stream(_side_stream()):
+        second = half_attention(True)
+    return mx.concatenate([first, second], axis=axis)
 
 
 def geglu(hidden: mx.array, gate: mx.array) -> mx.array:
