@@ -134,10 +134,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: Optiona
     `bias` is additive and broadcasts against the scores (B, heads, N, L), e.g. a padding
     bias (B, 1, 1, L).
     """
+    itemsize = 4 if cpu_kernels(q) else q.dtype.size
+    if query_chunk_rows(q, k.shape[2], itemsize) < q.shape[2]:
+        # Every chunk reads all keys and values: lay out head-split views once, not per chunk.
+        k, v = mx.contiguous(k), mx.contiguous(v)
     if not cpu_kernels(q):
         mask = None if bias is None else bias.astype(q.dtype)
         return _query_chunks(q, k.shape[2], lambda qc, rows: mx.fast.scaled_dot_product_attention(
-            qc, k, v, scale=scale, mask=_rows(mask, rows)), q.dtype.size)
+            qc, k, v, scale=scale, mask=_rows(mask, rows)), itemsize)
     return _query_chunks(q, k.shape[2], lambda qc, rows: _kernels.attention(qc, k, v, scale, _rows(bias, rows)))
 
 

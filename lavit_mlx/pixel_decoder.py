@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import LaVITError
+from .memory import MemoryEstimate, check_pixel_memory, estimate_pixel_decoding
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .schedulers import Scheduler, make_scheduler
@@ -85,6 +86,40 @@ class PixelDecoder:
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % step:
                 raise LaVITError(f"{name} {value} is not a positive multiple of {step} (one latent pixel)")
+
+    # ------------------------------------------------------------ memory
+    def weight_bytes(self) -> int:
+        """Bytes of the loaded UNet, VAE (and unconditional embedding) parameters."""
+        from mlx.utils import tree_flatten
+
+        arrays = [v for _, v in tree_flatten(self.unet.parameters()) + tree_flatten(self.vae.parameters())]
+        if self.uncond_embeddings is not None:
+            arrays.append(self.uncond_embeddings)
+        return sum(a.nbytes for a in arrays)
+
+    def memory_estimate(self, height: int, width: int, num_images: int = 1) -> MemoryEstimate:
+        """Estimated peak memory of `denoise` + `to_images` at this size (`lavit_mlx.memory`).
+
+        Args:
+            height, width: output size in pixels.
+            num_images: images per batch (the UNet runs twice as many rows: guidance).
+        Returns:
+            A MemoryEstimate, weights included.
+        """
+        self.check_size(height, width)
+        dtype = self.unet.conv_in.weight.dtype
+        cpu = dtype == mx.float32 and mx.default_device() == mx.cpu
+        return estimate_pixel_decoding(self.unet.config, self.vae.config, height, width, num_images,
+                                       dtype.size, self.weight_bytes(), cpu=cpu)
+
+    def check_memory(self, height: int, width: int, num_images: int = 1, available: Optional[int] = None) -> None:
+        """Raise a one-line LaVITError when decoding at this size cannot fit in memory.
+
+        The loaded weights are already resident: only the rest of the estimate is
+        compared with `available` (default `lavit_mlx.memory.available_memory()`).
+        """
+        estimate = self.memory_estimate(height, width, num_images)
+        check_pixel_memory(estimate, available, resident=estimate.breakdown["weights"])
 
     # ------------------------------------------------------------ single passes (parity)
     def unet_forward(self, latents, timestep, context, pooled=None, time_ids=None, mask=None) -> mx.array:

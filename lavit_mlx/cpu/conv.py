@@ -3,8 +3,9 @@ folded nearest-upsample + conv, and matmul paths for few input or output channel
 CPU float32 only; `lavit_mlx.ops` uses MLX's own convolution elsewhere.
 
 A conv whose working arrays (Winograd tile stacks, MLX's unfolded input) would exceed
-`CONV_BAND_BYTES` runs over bands of output rows, one after the other; bands start on
-whole Winograd tiles, so every output is computed exactly as without bands.
+`CONV_SINGLE_PASS_BYTES` runs over bands of output rows of `CONV_BAND_BYTES` each, one
+after the other. Winograd bands start on whole tiles, so every output is computed exactly
+as without bands; MLX's own conv over fewer rows may round differently in BLAS (1e-7).
 `working_bytes` gives that working memory from shapes alone (memory estimates).
 """
 
@@ -19,7 +20,12 @@ import mlx.core as mx
 from .kernels import in_sequence
 
 # A VAE at 1024^2 has 512 MiB activations; their Winograd stacks are 2-4 times that.
-CONV_BAND_BYTES = 128 * 2**20
+CONV_SINGLE_PASS_BYTES = 128 * 2**20
+# Bands stay small because MLX allocates an operation's output (and its temporaries)
+# when it queues it, up to `QUEUED_OPERATIONS` unfinished operations ahead.
+CONV_BAND_BYTES = 32 * 2**20
+QUEUED_OPERATIONS = 10
+_WINOGRAD_BAND_OPERATIONS = 6  # stack, three transform/product matmuls, the reorder, the bias
 
 # Winograd minimal filtering F(m x m, r x r) (Lavin & Gray 2016): each m x m output tile
 # of a valid r x r correlation is A^T [(G g G^T) * (B^T d B)] A over its n x n input tile d
@@ -121,9 +127,18 @@ def _m_available(m: int, r: int) -> bool:
 
 
 def _bands(count: int, unit_bytes: int) -> list:
-    """[(start, stop)] covering range(count) with at most CONV_BAND_BYTES // unit_bytes units each."""
+    """[(start, stop)] covering range(count): one band when count units of unit_bytes fit
+    CONV_SINGLE_PASS_BYTES, else bands of at most CONV_BAND_BYTES."""
+    if count * unit_bytes <= CONV_SINGLE_PASS_BYTES:
+        return [(0, count)]
     size = max(1, CONV_BAND_BYTES // max(1, unit_bytes))
     return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _queued_bytes(bands: list, unit_bytes: int, operations_per_band: int) -> int:
+    """Bytes of the bands whose operations are queued at once (see QUEUED_OPERATIONS)."""
+    alive = min(len(bands), 1 + -(-QUEUED_OPERATIONS // operations_per_band))
+    return alive * unit_bytes * max(stop - start for start, stop in bands)
 
 
 def _banded(x: mx.array, bands: list, rows, fn) -> mx.array:
@@ -179,7 +194,7 @@ def winograd_correlate(padded: mx.array, transformed: mx.array, m: int, r: int, 
 
 
 def _direct_conv(x: mx.array, weight: mx.array, stride: int, padding: int) -> mx.array:
-    """mx.conv2d; in bands of output rows when its unfolded input would exceed CONV_BAND_BYTES."""
+    """mx.conv2d; in bands of output rows when its unfolded input would exceed CONV_SINGLE_PASS_BYTES."""
     out_channels, kh, kw, in_channels = weight.shape
     B, H, W, _ = x.shape
     out_h = (H + 2 * padding - kh) // stride + 1
@@ -196,7 +211,8 @@ def working_bytes(x_shape: tuple, weight_shape: tuple, stride: int = 1, padding:
                   upsample: bool = False) -> int:
     """Bytes of a conv's float32 working arrays beyond its input and output, from shapes:
     `conv2d`, or `upsample2x_conv3x3` when `upsample`. A Winograd band holds its tile
-    stack, the transformed stack and the products at once, next to the padded input."""
+    stack, the transformed stack and the products at once, next to the padded input;
+    banded, the bands queued together count (QUEUED_OPERATIONS)."""
     B, H, W, C = x_shape
     out_channels, kh, kw, _ = weight_shape
     padded = 4 * B * (H + 2 * padding + 1) * (W + 2 * padding + 1) * C
@@ -204,8 +220,8 @@ def working_bytes(x_shape: tuple, weight_shape: tuple, stride: int = 1, padding:
         m = winograd_tile_for((B, H + 1, W + 1, C), (out_channels, 2, 2, C), 1, 0)
         if m:
             unit = winograd_stack_bytes(B * -(-W // m), m, 2, C, out_channels, folded=True)
-            start, stop = _bands(-(-H // m), unit)[0]
-            return 3 * unit * (stop - start) + 2 * 4 * B * (H + 2 + m) * (W + 2 + m) * C
+            bands = _bands(-(-H // m), unit)
+            return 3 * _queued_bytes(bands, unit, _WINOGRAD_BAND_OPERATIONS) + 2 * 4 * B * (H + 2 + m) * (W + 2 + m) * C
         # Four folded 2x2 convs, each unfolding (B, H, W, 4 C), and their stacked outputs.
         return padded + 4 * B * H * W * (4 * C + 4 * out_channels)
     if kh == kw == 1 and stride == 1 and padding == 0:
@@ -215,15 +231,16 @@ def working_bytes(x_shape: tuple, weight_shape: tuple, stride: int = 1, padding:
     out_w = (W + 2 * padding - kw) // stride + 1
     if m:
         unit = winograd_stack_bytes(B * -(-out_w // m), m, kh, C, out_channels)
-        start, stop = _bands(-(-out_h // m), unit)[0]
-        return 3 * unit * (stop - start) + padded
+        bands = _bands(-(-out_h // m), unit)
+        return 3 * _queued_bytes(bands, unit, _WINOGRAD_BAND_OPERATIONS) + padded
     if stride == 1 and out_channels <= _SHIFT_MAX_OUT and H * W >= _SHIFT_MIN_PIXELS and 2 * padding == kh - 1:
-        return padded  # the padded input flattened to rows; the taps' products are output-sized
+        return padded + kh * kw * 4 * B * H * (W + 2 * padding) * out_channels  # flattened rows, each tap's product
     if stride == 1 and kh * kw * C <= _IM2COL_MAX_DEPTH:
         return padded + 4 * B * out_h * out_w * kh * kw * C
     unit = 4 * B * out_w * kh * kw * C  # MLX's unfolded input, per output row
-    start, stop = _bands(out_h, unit)[0]
-    return unit * (stop - start) + 2 * padded  # MLX pads inside too
+    bands = _bands(out_h, unit)
+    # Each band's conv also copies its rows padded; MLX pads the whole input once more.
+    return _queued_bytes(bands, unit + unit // (kh * kw), 1) + 2 * padded
 
 
 def derived_weights(weight: mx.array, key: tuple):
