@@ -5,10 +5,13 @@ GELU/exp/SiLU, fused GroupNorm, Winograd convolutions; see their modules for why
 anywhere else (a GPU, half precision) MLX's own operations do. Models never look at the
 device themselves. Every function here is differentiable and safe inside `mx.compile`.
 
-Attention never materialises more than `ATTENTION_CHUNK_BYTES` of scores at once on the
-CPU: queries are processed in chunks (a 1024^2 SDXL latent has 16384 tokens, and the
-full (tokens x tokens) matrix of one head is 1 GiB). On a GPU MLX's fused
-`scaled_dot_product_attention` is used.
+Attention whose (B, heads, N, L) scores would exceed `ATTENTION_SINGLE_PASS_BYTES` runs
+over query chunks of at most `ATTENTION_CHUNK_BYTES` of scores, on the CPU and on a GPU
+alike (MLX's `scaled_dot_product_attention` materialises the scores for head sizes its
+fused kernel lacks): a 1024^2 SDXL latent has 16384 tokens, and the full (tokens x
+tokens) matrix of one head is 1 GiB. A single array larger than memory is never a
+clean error in MLX: its CPU allocator hands a failed `malloc` to the kernel, which
+segfaults.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import mlx.core as mx
 from .cpu import conv as _conv
 from .cpu import kernels as _kernels
 
-ATTENTION_CHUNK_BYTES = 256 * 2**20
+ATTENTION_SINGLE_PASS_BYTES = 256 * 2**20  # scores up to this size: one pass, as tuned
+# Chunks stay small because MLX allocates each operation's output when it queues it, up
+# to ~10 operations ahead of the one running: several chunks are alive at once.
+ATTENTION_CHUNK_BYTES = 64 * 2**20
 POLICY_EPS = 1e-6  # the merger's masked softmax (official `softmax_with_policy`)
 
 _state = threading.local()
@@ -96,14 +102,25 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, num_groups: int, e
 
 
 # ------------------------------------------------------------------------- attention
-def _query_chunks(q: mx.array, keys: int, fn: Callable[[mx.array, slice], mx.array]) -> mx.array:
-    """fn(q_chunk, rows) over query chunks whose scores stay under ATTENTION_CHUNK_BYTES."""
+def query_chunk_rows(q: mx.array, keys: int, itemsize: int = 4) -> int:
+    """Query rows per attention chunk: all N when the (B, heads, N, keys) scores fit one pass."""
     B, H, N, _ = q.shape
-    per_row = max(1, B * H * keys * 4)
-    rows = max(1, ATTENTION_CHUNK_BYTES // per_row)
+    per_row = max(1, B * H * keys * itemsize)
+    if per_row * N <= ATTENTION_SINGLE_PASS_BYTES:
+        return N
+    return max(1, ATTENTION_CHUNK_BYTES // per_row)
+
+
+def _query_chunks(q: mx.array, keys: int, fn: Callable[[mx.array, slice], mx.array], itemsize: int = 4) -> mx.array:
+    """fn(q_chunk, rows) over query chunks (see `query_chunk_rows`), one after the other."""
+    N = q.shape[2]
+    rows = query_chunk_rows(q, keys, itemsize)
     if rows >= N:
         return fn(q, slice(0, N))
-    return mx.concatenate([fn(q[:, :, i:i + rows], slice(i, i + rows)) for i in range(0, N, rows)], axis=2)
+    starts = range(0, N, rows)
+    chunks = [q[:, :, start:start + rows] for start in starts]
+    outs = _kernels.in_sequence(chunks, lambda chunk, i: fn(chunk, slice(starts[i], starts[i] + rows)))
+    return mx.concatenate(outs, axis=2)
 
 
 def _rows(bias: Optional[mx.array], rows: slice) -> Optional[mx.array]:
@@ -119,9 +136,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: Optiona
     `bias` is additive and broadcasts against the scores (B, heads, N, L), e.g. a padding
     bias (B, 1, 1, L).
     """
+    itemsize = 4 if cpu_kernels(q) else q.dtype.size
+    if query_chunk_rows(q, k.shape[2], itemsize) < q.shape[2]:
+        # Every chunk reads all keys and values: lay out head-split views once, not per chunk.
+        k, v = mx.contiguous(k), mx.contiguous(v)
     if not cpu_kernels(q):
         mask = None if bias is None else bias.astype(q.dtype)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return _query_chunks(q, k.shape[2], lambda qc, rows: mx.fast.scaled_dot_product_attention(
+            qc, k, v, scale=scale, mask=_rows(mask, rows)), itemsize)
     return _query_chunks(q, k.shape[2], lambda qc, rows: _kernels.attention(qc, k, v, scale, _rows(bias, rows)))
 
 

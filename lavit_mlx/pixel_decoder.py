@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import LaVITError
+from .memory import MemoryEstimate, check_pixel_memory, estimate_pixel_decoding
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .schedulers import Scheduler, make_scheduler
@@ -85,6 +86,40 @@ class PixelDecoder:
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % step:
                 raise LaVITError(f"{name} {value} is not a positive multiple of {step} (one latent pixel)")
+
+    # ------------------------------------------------------------ memory
+    def weight_bytes(self) -> int:
+        """Bytes of the loaded UNet, VAE (and unconditional embedding) parameters."""
+        from mlx.utils import tree_flatten
+
+        arrays = [v for _, v in tree_flatten(self.unet.parameters()) + tree_flatten(self.vae.parameters())]
+        if self.uncond_embeddings is not None:
+            arrays.append(self.uncond_embeddings)
+        return sum(a.nbytes for a in arrays)
+
+    def memory_estimate(self, height: int, width: int, num_images: int = 1) -> MemoryEstimate:
+        """Estimated peak memory of `denoise` + `to_images` at this size (`lavit_mlx.memory`).
+
+        Args:
+            height, width: output size in pixels.
+            num_images: images per batch (the UNet runs twice as many rows: guidance).
+        Returns:
+            A MemoryEstimate, weights included.
+        """
+        self.check_size(height, width)
+        dtype = self.unet.conv_in.weight.dtype
+        cpu = dtype == mx.float32 and mx.default_device() == mx.cpu
+        return estimate_pixel_decoding(self.unet.config, self.vae.config, height, width, num_images,
+                                       dtype.size, self.weight_bytes(), cpu=cpu)
+
+    def check_memory(self, height: int, width: int, num_images: int = 1, available: Optional[int] = None) -> None:
+        """Raise a one-line LaVITError when decoding at this size cannot fit in memory.
+
+        The loaded weights are already resident: only the rest of the estimate is
+        compared with `available` (default `lavit_mlx.memory.available_memory()`).
+        """
+        estimate = self.memory_estimate(height, width, num_images)
+        check_pixel_memory(estimate, available, resident=estimate.breakdown["weights"])
 
     # ------------------------------------------------------------ single passes (parity)
     def unet_forward(self, latents, timestep, context, pooled=None, time_ids=None, mask=None) -> mx.array:
@@ -171,7 +206,14 @@ class PixelDecoder:
             yield i + 1, total, latents
 
     def to_images(self, latents: mx.array) -> np.ndarray:
-        """Latents -> uint8 images (B, H, W, 3), decoded in float32 as the release does."""
-        images = self.vae_decode_raw(latents.astype(mx.float32) / self.scaling_factor)
-        images = mx.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-        return np.round(np.array(images) * 255).astype(np.uint8)
+        """Latents -> uint8 images (B, H, W, 3), decoded in float32 as the release does.
+
+        One image at a time: the VAE's full-size activations dominate its memory, and
+        each image decodes independently.
+        """
+        images = []
+        for i in range(latents.shape[0]):
+            decoded = self.vae_decode_raw(latents[i:i + 1].astype(mx.float32) / self.scaling_factor)
+            decoded = mx.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+            images.append(np.round(np.array(decoded) * 255).astype(np.uint8))
+        return np.concatenate(images)

@@ -1,6 +1,12 @@
 """Convolutions that are fast on MLX's CPU backend (UNet, VAE): Winograd 3x3 convs,
 folded nearest-upsample + conv, and matmul paths for few input or output channels.
 CPU float32 only; `lavit_mlx.ops` uses MLX's own convolution elsewhere.
+
+A conv whose working arrays (Winograd tile stacks, MLX's unfolded input) would exceed
+`CONV_SINGLE_PASS_BYTES` runs over bands of output rows of `CONV_BAND_BYTES` each, one
+after the other. Winograd bands start on whole tiles, so every output is computed exactly
+as without bands; MLX's own conv over fewer rows may round differently in BLAS (1e-7).
+`working_bytes` gives that working memory from shapes alone (memory estimates).
 """
 
 from __future__ import annotations
@@ -11,7 +17,15 @@ from fractions import Fraction
 
 import mlx.core as mx
 
+from .kernels import in_sequence
 
+# A VAE at 1024^2 has 512 MiB activations; their Winograd stacks are 2-4 times that.
+CONV_SINGLE_PASS_BYTES = 128 * 2**20
+# Bands stay small because MLX allocates an operation's output (and its temporaries)
+# when it queues it, up to `QUEUED_OPERATIONS` unfinished operations ahead.
+CONV_BAND_BYTES = 32 * 2**20
+QUEUED_OPERATIONS = 10
+_WINOGRAD_BAND_OPERATIONS = 6  # stack, three transform/product matmuls, the reorder, the bias
 
 # Winograd minimal filtering F(m x m, r x r) (Lavin & Gray 2016): each m x m output tile
 # of a valid r x r correlation is A^T [(G g G^T) * (B^T d B)] A over its n x n input tile d
@@ -86,14 +100,19 @@ def winograd_weights(weight: mx.array, m: int) -> mx.array:
 
 def winograd_tile(x: mx.array, weight: mx.array, stride: int = 1, padding: int = 1) -> int:
     """The output tile size m (4 or 2) Winograd should use for this conv, or 0 for a direct conv."""
-    out_channels, kh, kw, in_channels = weight.shape
+    return winograd_tile_for(tuple(x.shape), tuple(weight.shape), stride, padding)
+
+
+def winograd_tile_for(x_shape: tuple, weight_shape: tuple, stride: int = 1, padding: int = 1) -> int:
+    """`winograd_tile` from shapes: x (B, H, W, in), weight (out, kh, kw, in)."""
+    out_channels, kh, kw, in_channels = weight_shape
     if not (kh == kw and kh in (2, 3) and stride == 1
             and min(in_channels, out_channels) >= _WINOGRAD_MIN_CHANNELS):
         return 0
-    out_h, out_w = x.shape[1] + 2 * padding - kh + 1, x.shape[2] + 2 * padding - kw + 1
+    out_h, out_w = x_shape[1] + 2 * padding - kh + 1, x_shape[2] + 2 * padding - kw + 1
 
     def tiles(m: int) -> int:
-        return x.shape[0] * -(-out_h // m) * -(-out_w // m)
+        return x_shape[0] * -(-out_h // m) * -(-out_w // m)
 
     channels = min(in_channels, out_channels)
     if _m_available(4, kh) and tiles(4) >= _WINOGRAD_MIN_TILES_4 and tiles(4) * channels >= _WINOGRAD_MIN_WORK_4:
@@ -105,6 +124,39 @@ def winograd_tile(x: mx.array, weight: mx.array, stride: int = 1, padding: int =
 
 def _m_available(m: int, r: int) -> bool:
     return m + r - 2 in _WINOGRAD_POINTS
+
+
+def _bands(count: int, unit_bytes: int) -> list:
+    """[(start, stop)] covering range(count): one band when count units of unit_bytes fit
+    CONV_SINGLE_PASS_BYTES, else bands of at most CONV_BAND_BYTES."""
+    if count * unit_bytes <= CONV_SINGLE_PASS_BYTES:
+        return [(0, count)]
+    size = max(1, CONV_BAND_BYTES // max(1, unit_bytes))
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _queued_bytes(bands: list, unit_bytes: int, operations_per_band: int) -> int:
+    """Bytes of the bands whose operations are queued at once (see QUEUED_OPERATIONS)."""
+    alive = min(len(bands), 1 + -(-QUEUED_OPERATIONS // operations_per_band))
+    return alive * unit_bytes * max(stop - start for start, stop in bands)
+
+
+def _banded(x: mx.array, bands: list, rows, fn) -> mx.array:
+    """fn(x[:, rows(start, stop)], start, stop) for each band, one after the other, joined along H."""
+    if len(bands) == 1:
+        start, stop = bands[0]
+        return fn(x[:, rows(start, stop)], start, stop)
+    pieces = [x[:, rows(start, stop)] for start, stop in bands]
+    outs = in_sequence(pieces, lambda piece, i: fn(piece, *bands[i]))
+    return mx.concatenate(outs, axis=1)
+
+
+def winograd_stack_bytes(tiles: int, m: int, r: int, in_channels: int, out_channels: int, folded: bool = False) -> int:
+    """Bytes of the largest float32 array of a Winograd F(m, r) over `tiles` tiles: the stacked
+    input tiles, their transforms or the products (four parities' worth when `folded`)."""
+    n = m + r - 1
+    positions = max(4 * n * n, (n + 1) ** 2) if folded else n * n
+    return 4 * tiles * positions * max(in_channels, out_channels)
 
 
 def winograd_correlate(padded: mx.array, transformed: mx.array, m: int, r: int, bias: mx.array | None,
@@ -122,16 +174,73 @@ def winograd_correlate(padded: mx.array, transformed: mx.array, m: int, r: int, 
         padded = mx.pad(padded, [(0, 0), (0, max(0, need_h - padded.shape[1])),
                                  (0, max(0, need_w - padded.shape[2])), (0, 0)])
     input_transform, output_transform = _winograd_tile_transforms(m, r)
-    # Tile position (i, j) of every tile: (n^2, B * tiles_h * tiles_w * C).
-    tiles = mx.stack([padded[:, i: i + m * tiles_h: m, j: j + m * tiles_w: m, :]
-                      for i in range(n) for j in range(n)], axis=0).reshape(n * n, -1)
-    transformed_input = (input_transform @ tiles).reshape(n * n, -1, C)  # (n^2, tiles, C)
-    products = transformed_input @ transformed  # (n^2, tiles, out)
-    corners = (output_transform @ products.reshape(n * n, -1)).reshape(m, m, B, tiles_h, tiles_w, out_channels)
-    out = corners.transpose(2, 3, 0, 4, 1, 5).reshape(B, m * tiles_h, m * tiles_w, out_channels)
-    if (m * tiles_h, m * tiles_w) != (out_h, out_w):
-        out = out[:, :out_h, :out_w, :]
-    return out + bias if bias is not None else out
+
+    def band(rows: mx.array, start: int, stop: int) -> mx.array:
+        count = stop - start  # tile rows in this band
+        # Tile position (i, j) of every tile: (n^2, B * count * tiles_w * C).
+        tiles = mx.stack([rows[:, i: i + m * count: m, j: j + m * tiles_w: m, :]
+                          for i in range(n) for j in range(n)], axis=0).reshape(n * n, -1)
+        transformed_input = (input_transform @ tiles).reshape(n * n, -1, C)  # (n^2, tiles, C)
+        products = transformed_input @ transformed  # (n^2, tiles, out)
+        corners = (output_transform @ products.reshape(n * n, -1)).reshape(m, m, B, count, tiles_w, out_channels)
+        out = corners.transpose(2, 3, 0, 4, 1, 5).reshape(B, m * count, m * tiles_w, out_channels)
+        band_h = min(out_h - m * start, m * count)
+        if (m * count, m * tiles_w) != (band_h, out_w):
+            out = out[:, :band_h, :out_w, :]
+        return out + bias if bias is not None else out
+
+    bands = _bands(tiles_h, winograd_stack_bytes(B * tiles_w, m, r, C, out_channels))
+    return _banded(padded, bands, lambda start, stop: slice(m * start, m * stop + r - 1), band)
+
+
+def _direct_conv(x: mx.array, weight: mx.array, stride: int, padding: int) -> mx.array:
+    """mx.conv2d; in bands of output rows when its unfolded input would exceed CONV_SINGLE_PASS_BYTES."""
+    out_channels, kh, kw, in_channels = weight.shape
+    B, H, W, _ = x.shape
+    out_h = (H + 2 * padding - kh) // stride + 1
+    out_w = (W + 2 * padding - kw) // stride + 1
+    bands = _bands(out_h, 4 * B * out_w * kh * kw * in_channels)
+    if len(bands) == 1:
+        return mx.conv2d(x, weight, stride=stride, padding=padding)
+    padded = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    return _banded(padded, bands, lambda start, stop: slice(stride * start, stride * (stop - 1) + kh),
+                   lambda rows, start, stop: mx.conv2d(rows, weight, stride=stride))
+
+
+def working_bytes(x_shape: tuple, weight_shape: tuple, stride: int = 1, padding: int = 0,
+                  upsample: bool = False) -> int:
+    """Bytes of a conv's float32 working arrays beyond its input and output, from shapes:
+    `conv2d`, or `upsample2x_conv3x3` when `upsample`. A Winograd band holds its tile
+    stack, the transformed stack and the products at once, next to the padded input;
+    banded, the bands queued together count (QUEUED_OPERATIONS)."""
+    B, H, W, C = x_shape
+    out_channels, kh, kw, _ = weight_shape
+    padded = 4 * B * (H + 2 * padding + 1) * (W + 2 * padding + 1) * C
+    if upsample:
+        m = winograd_tile_for((B, H + 1, W + 1, C), (out_channels, 2, 2, C), 1, 0)
+        if m:
+            unit = winograd_stack_bytes(B * -(-W // m), m, 2, C, out_channels, folded=True)
+            bands = _bands(-(-H // m), unit)
+            return 3 * _queued_bytes(bands, unit, _WINOGRAD_BAND_OPERATIONS) + 2 * 4 * B * (H + 2 + m) * (W + 2 + m) * C
+        # Four folded 2x2 convs, each unfolding (B, H, W, 4 C), and their stacked outputs.
+        return padded + 4 * B * H * W * (4 * C + 4 * out_channels)
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        return 0
+    m = winograd_tile_for(x_shape, weight_shape, stride, padding)
+    out_h = (H + 2 * padding - kh) // stride + 1
+    out_w = (W + 2 * padding - kw) // stride + 1
+    if m:
+        unit = winograd_stack_bytes(B * -(-out_w // m), m, kh, C, out_channels)
+        bands = _bands(-(-out_h // m), unit)
+        return 3 * _queued_bytes(bands, unit, _WINOGRAD_BAND_OPERATIONS) + padded
+    if stride == 1 and out_channels <= _SHIFT_MAX_OUT and H * W >= _SHIFT_MIN_PIXELS and 2 * padding == kh - 1:
+        return padded + kh * kw * 4 * B * H * (W + 2 * padding) * out_channels  # flattened rows, each tap's product
+    if stride == 1 and kh * kw * C <= _IM2COL_MAX_DEPTH:
+        return padded + 4 * B * out_h * out_w * kh * kw * C
+    unit = 4 * B * out_w * kh * kw * C  # MLX's unfolded input, per output row
+    bands = _bands(out_h, unit)
+    # Each band's conv also copies its rows padded; MLX pads the whole input once more.
+    return _queued_bytes(bands, unit + unit // (kh * kw), 1) + 2 * padded
 
 
 def derived_weights(weight: mx.array, key: tuple):
@@ -190,7 +299,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int = 1
         w = weight.reshape(out_channels, -1).T
         y = mx.addmm(bias, columns, w) if bias is not None else columns @ w
         return y.reshape(B, out_h, out_w, out_channels)
-    y = mx.conv2d(x, weight, stride=stride, padding=padding)
+    y = _direct_conv(x, weight, stride, padding)
     return y + bias if bias is not None else y
 
 
@@ -250,20 +359,28 @@ def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None, cac
         need_h, need_w = m * tiles_h + n, m * tiles_w + n
         padded = mx.pad(padded, [(0, 0), (0, need_h - padded.shape[1]), (0, need_w - padded.shape[2]), (0, 0)])
         parity_input, parity_output = _folded_winograd_transforms(m)
-        windows = mx.stack([padded[:, i: i + m * tiles_h: m, j: j + m * tiles_w: m, :]
-                            for i in range(n + 1) for j in range(n + 1)], axis=0).reshape((n + 1) ** 2, -1)
-        transformed_input = (parity_input @ windows).reshape(4 * n * n, -1, C)  # (4 n^2, tiles, C)
-        products = transformed_input @ get(("folded-winograd", m))  # (4 n^2, tiles, out)
-        corners = (parity_output @ products.reshape(4 * n * n, -1)).reshape(
-            2, 2, m, m, B, tiles_h, tiles_w, out_channels)  # (a, b, y, x, B, tile row, tile col, out)
-        # Output pixel (2 (m ti + y) + a, 2 (m tj + x) + b).
-        out = corners.transpose(4, 5, 2, 0, 6, 3, 1, 7).reshape(B, 2 * m * tiles_h, 2 * m * tiles_w, out_channels)
-        if (m * tiles_h, m * tiles_w) != (H, W):
-            out = out[:, :2 * H, :2 * W, :]
-    else:
-        kernels = get(("folded", 0))
-        parts = [mx.conv2d(padded[:, a:a + H + 1, b:b + W + 1, :], kernels[2 * a + b])
-                 for a in range(2) for b in range(2)]  # each (B, H, W, out)
-        out = mx.stack(parts, axis=3).reshape(B, H, W, 2, 2, -1)  # (B, H, W, a, b, out)
-        out = out.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, -1)
+        kernels = get(("folded-winograd", m))
+
+        def band(rows: mx.array, start: int, stop: int) -> mx.array:
+            count = stop - start  # tile rows in this band
+            windows = mx.stack([rows[:, i: i + m * count: m, j: j + m * tiles_w: m, :]
+                                for i in range(n + 1) for j in range(n + 1)], axis=0).reshape((n + 1) ** 2, -1)
+            transformed_input = (parity_input @ windows).reshape(4 * n * n, -1, C)  # (4 n^2, tiles, C)
+            products = transformed_input @ kernels  # (4 n^2, tiles, out)
+            corners = (parity_output @ products.reshape(4 * n * n, -1)).reshape(
+                2, 2, m, m, B, count, tiles_w, out_channels)  # (a, b, y, x, B, tile row, tile col, out)
+            # Output pixel (2 (m ti + y) + a, 2 (m tj + x) + b).
+            out = corners.transpose(4, 5, 2, 0, 6, 3, 1, 7).reshape(B, 2 * m * count, 2 * m * tiles_w, out_channels)
+            band_h = min(H - m * start, m * count)
+            if (m * count, m * tiles_w) != (band_h, W):
+                out = out[:, :2 * band_h, :2 * W, :]
+            return out + bias if bias is not None else out
+
+        bands = _bands(tiles_h, winograd_stack_bytes(B * tiles_w, m, 2, C, out_channels, folded=True))
+        return _banded(padded, bands, lambda start, stop: slice(m * start, m * stop + n), band)
+    kernels = get(("folded", 0))
+    parts = [_direct_conv(padded[:, a:a + H + 1, b:b + W + 1, :], kernels[2 * a + b], 1, 0)
+             for a in range(2) for b in range(2)]  # each (B, H, W, out)
+    out = mx.stack(parts, axis=3).reshape(B, H, W, 2, 2, -1)  # (B, H, W, a, b, out)
+    out = out.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, -1)
     return out + bias if bias is not None else out

@@ -20,6 +20,7 @@ same forms run uncompiled (slower, still no libm).
 from __future__ import annotations
 
 import math
+from typing import Callable, List, Sequence
 
 import mlx.core as mx
 
@@ -135,24 +136,41 @@ def _side_stream():
 
 
 def _elementwise(fn, x: mx.array, *args: mx.array) -> mx.array:
-    """Compiled `fn(x, *args)`; when large, its halves along axis 1 run on two threads.
+    """Compiled `fn(x, *args)`; when large, its halves along one axis run on two threads.
 
-    Each arg has x's shape (split with it) or size 1 along axis 1 (broadcast).
+    The axis is 1, or for a single-row axis 1 (one attention head) the next one before
+    the last. Each arg has x's shape (split with it) or size 1 along that axis (broadcast).
     """
     kernel = _kernel(fn)
-    if x.size < _SPLIT_MIN_ELEMENTS or x.ndim < 2 or x.shape[1] < 2:
+    axis = 1 if x.ndim < 3 or x.shape[1] >= 2 else next((a for a in range(2, x.ndim - 1) if x.shape[a] >= 2), 1)
+    if x.size < _SPLIT_MIN_ELEMENTS or x.ndim < 2 or x.shape[axis] < 2:
         return kernel(x, *args)
-    half = x.shape[1] // 2
+    half = x.shape[axis] // 2
 
     def part(a: mx.array, second: bool) -> mx.array:
-        if a.ndim < 2 or a.shape[1] == 1:
+        if a.ndim < 2 or a.shape[axis] == 1:
             return a
-        return a[:, half:] if second else a[:, :half]
+        index = (slice(None),) * axis + (slice(half, None) if second else slice(None, half),)
+        return a[index]
 
     first = kernel(part(x, False), *[part(a, False) for a in args])
     with mx.stream(_side_stream()):
         second = kernel(part(x, True), *[part(a, True) for a in args])
-    return mx.concatenate([first, second], axis=1)
+    return mx.concatenate([first, second], axis=axis)
+
+
+def in_sequence(pieces: Sequence[mx.array], fn: Callable[[mx.array, int], mx.array]) -> List[mx.array]:
+    """[fn(piece, i)], each computed only after the previous result (`mx.depends`).
+
+    MLX schedules independent pieces side by side (breadth first), so without the chain
+    the intermediates of many pieces would be alive together.
+    """
+    results: List[mx.array] = []
+    for i, piece in enumerate(pieces):
+        if results:
+            piece = mx.depends(piece, results[-1])
+        results.append(fn(piece, i))
+    return results
 
 
 def silu(x: mx.array) -> mx.array:
@@ -189,18 +207,46 @@ def group_norm(
     return _elementwise(_affine_silu if apply_silu else _affine, x, scale, shift)
 
 
+def _attention_rows(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.array | None) -> mx.array:
+    scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, heads, N, L)
+    if bias is not None:
+        scores = scores + bias
+    weights = _kernel(_softmax_weights)(scores, mx.max(scores, axis=-1, keepdims=True))
+    # Normalise the (N, head_dim) output rather than the (N, L) weights: fewer divisions.
+    return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.array | None = None) -> mx.array:
     """softmax(q k^T * scale + bias) v for (B, heads, N, head_dim) inputs.
 
     `bias` (optional) is additive and broadcasts against the scores (B, heads, N, L),
-    e.g. a padding bias of shape (B, 1, 1, L).
+    e.g. a padding bias of shape (B, 1, 1, L). When large, the two halves of the heads
+    (else of the batch, else of the queries) run on two threads, each computing its own
+    scores, row maxima and sums: no full-size copy joins them, only the outputs.
     """
-    scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, heads, N, L)
+    B, H, N, _ = q.shape
+    if B * H * N * k.shape[2] < _SPLIT_MIN_ELEMENTS or max(B, H, N) < 2:
+        return _attention_rows(q, k, v, scale, bias)
+    axis = 1 if H >= 2 else 0 if B >= 2 else 2
+    half = q.shape[axis] // 2
     if bias is not None:
-        scores = scores + bias
-    weights = _elementwise(_softmax_weights, scores, mx.max(scores, axis=-1, keepdims=True))
-    # Normalise the (N, head_dim) output rather than the (N, L) weights: fewer divisions.
-    return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+
+    def part(a: mx.array | None, second: bool, follows_queries: bool = True) -> mx.array | None:
+        if a is None or a.shape[axis] == 1 or not follows_queries:
+            return a
+        index = (slice(None),) * axis + (slice(half, None) if second else slice(None, half),)
+        return a[index]
+
+    def half_attention(second: bool) -> mx.array:
+        shared = axis != 2  # keys and values split with heads or batch, not with query rows
+        return _attention_rows(part(q, second), part(k, second, shared), part(v, second, shared), scale,
+                               part(bias, second))
+
+    first = half_attention(False)
+    with mx.stream(_side_stream()):
+        second = half_attention(True)
+    return mx.concatenate([first, second], axis=axis)
 
 
 def geglu(hidden: mx.array, gate: mx.array) -> mx.array:

@@ -9,6 +9,7 @@ read back through `load_unet` (config -> model -> sanitize -> strict load).
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import mlx.core as mx
@@ -406,3 +407,80 @@ def test_native_op_path_matches_fixture(official_checkpoint, expected, monkeypat
                text_embeds=np.repeat(expected["highres_pooled"], batch, axis=0),
                time_ids=expected["highres_time_ids"])
     assert max_rel(out, expected["highres_unet_out"]) <= TOL
+
+
+# ------------------------------------------------------------------------- large latents
+# Bands and query chunks keep a large latent's working memory bounded; they must not
+# change a single output value.
+BANDED_CASES = [
+    # (batch, H, W, in, out, stride, padding, upsample)
+    (1, 61, 70, 64, 96, 1, 1, False),  # Winograd F(4x4), partial last tile row
+    (2, 33, 29, 16, 24, 1, 1, False),  # MLX's conv, unfolded per band
+    (2, 34, 30, 16, 24, 2, 0, False),  # stride 2 (a downsampler)
+    (1, 37, 30, 64, 64, 1, 1, True),  # folded upsample, Winograd
+    (2, 13, 9, 16, 16, 1, 1, True),  # folded upsample, four MLX convs
+]
+
+
+@pytest.mark.parametrize("batch,h,w,cin,cout,stride,pad,upsample", BANDED_CASES)
+def test_banded_convs_equal_unbanded(batch, h, w, cin, cout, stride, pad, upsample, monkeypatch):
+    from lavit_mlx.cpu import conv as cpu_conv
+
+    rng = np.random.default_rng(h * w)
+    x = mx.array(rng.standard_normal((batch, h, w, cin)).astype(np.float32))
+    weight = mx.array((rng.standard_normal((cout, 3, 3, cin)) / np.sqrt(9 * cin)).astype(np.float32))
+    bias = mx.array(rng.standard_normal(cout).astype(np.float32))
+
+    def run():
+        if upsample:
+            return np.array(cpu_conv.upsample2x_conv3x3(x, weight, bias))
+        return np.array(cpu_conv.conv2d(x, weight, bias, stride, pad))
+
+    whole = run()
+    bands = []
+    real_bands = cpu_conv._bands
+    monkeypatch.setattr(cpu_conv, "_bands", lambda count, unit: bands.append(real_bands(count, unit)) or bands[-1])
+    monkeypatch.setattr(cpu_conv, "CONV_SINGLE_PASS_BYTES", 16 * 1024)
+    monkeypatch.setattr(cpu_conv, "CONV_BAND_BYTES", 16 * 1024)
+    banded = run()
+    assert max(len(b) for b in bands) > 2  # it really ran in bands
+    # Winograd bands compute every tile as before; MLX's conv of fewer rows may round
+    # differently in BLAS.
+    assert np.array_equal(banded, whole) if cpu_conv.winograd_tile(x, weight, stride, pad) else (
+        max_rel(banded, whole) <= 1e-6)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_chunked_attention_equals_one_pass(native, monkeypatch):
+    from lavit_mlx import ops
+
+    rng = np.random.default_rng(3)
+    q, k, v = (mx.array(rng.standard_normal(shape).astype(np.float32))
+               for shape in ((2, 3, 301, 8), (2, 3, 120, 8), (2, 3, 120, 8)))
+    bias = mx.array(np.where(rng.random((2, 3, 301, 120)) < 0.2, -10000.0, 0.0).astype(np.float32))
+    context = ops.native_ops() if native else contextlib.nullcontext()
+    with context:
+        whole = np.array(ops.attention(q, k, v, 0.35, bias))
+        monkeypatch.setattr(ops, "ATTENTION_SINGLE_PASS_BYTES", 1024)
+        monkeypatch.setattr(ops, "ATTENTION_CHUNK_BYTES", 2 * 3 * 120 * 4 * 16)  # 16 query rows
+        assert ops.query_chunk_rows(q, 120) == 16
+        chunked = np.array(ops.attention(q, k, v, 0.35, bias))
+    assert np.abs(chunked - whole).max() <= 1e-6 * np.abs(whole).max()
+
+
+def test_chunked_attention_memory_stays_bounded():
+    """24576 tokens of one head: 2.25 GiB of scores, computed in 64 MiB chunks."""
+    from lavit_mlx import ops
+
+    tokens = 24576
+    q = mx.random.normal((1, 1, tokens, 16), key=mx.random.key(0))
+    mx.eval(q)
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = ops.attention(q, q, q, 0.25)
+    mx.eval(out)
+    assert mx.get_peak_memory() - base < 0.3 * tokens * tokens * 4
+    rows = np.array(q[0, 0, :64] * 0.25) @ np.array(q[0, 0]).T  # (64, tokens) reference rows
+    weights = np.exp(rows - rows.max(axis=1, keepdims=True))
+    reference = (weights / weights.sum(axis=1, keepdims=True)) @ np.array(q[0, 0])
+    assert max_rel(out[0, 0, :64], reference) <= 1e-5
