@@ -11,7 +11,7 @@ attention pool (SDXL's text_embeds).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -104,19 +104,41 @@ class VQDecoder(nn.Module):
             raise ValueError("no visual tokens to decode")
         if longest > self.config.num_patches:
             raise ValueError(f"{longest} visual tokens exceed the decoder's {self.config.num_patches} positions")
-        codes = mx.stack([
-            mx.pad(self.in_proj(rows.astype(mx.float32)), [(0, longest - len_), (0, 0)]) for rows, len_ in zip(code_rows, lengths)
-        ]) + self.pos_embed[:, :longest]  # (B, T, width); padded rows are zero + position
-        valid = mx.arange(longest)[None, :] < mx.array(lengths)[:, None]
-        code_bias = mx.where(valid, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, T)
+        padded = mx.stack([mx.pad(rows.astype(mx.float32), [(0, longest - length), (0, 0)])
+                           for rows, length in zip(code_rows, lengths)])  # (B, T, code_dim)
+        valid = (mx.arange(longest)[None, :] < mx.array(lengths)[:, None]).astype(mx.float32)
+        return self.unet_condition(self.decode_features(padded, valid))
 
-        x = mx.broadcast_to(self.query_embed, (len(code_rows), *self.query_embed.shape[1:]))
+    def decode_features(self, codes: mx.array, mask: mx.array, positions: Optional[mx.array] = None) -> mx.array:
+        """The trunk and `decode_task_layer` on a padded batch: ViT-like features (B, num_patches, feature_dim).
+
+        Args:
+            codes: (B, T, code_dim) codebook rows (anything where `mask` is 0).
+            mask: (B, T) 1 for a code, 0 for padding (its keys get PAD_BIAS, as the release's).
+            positions: (B, T) int index into `pos_embed` of each code; default 0..T-1, the
+                inference layout. Training passes each kept token's rank among the kept ones
+                with the tokens left in place: cross-attention does not depend on the order of
+                its keys, so this equals the compacted sequence exactly.
+        """
+        T = codes.shape[1]
+        tokens = self.in_proj(codes) * mask[..., None]  # padded rows are zero + position
+        if positions is None:
+            tokens = tokens + self.pos_embed[:, :T]
+        else:
+            tokens = tokens + mx.take(self.pos_embed[0], positions, axis=0)
+        code_bias = mx.where(mask > 0, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, T)
+        x = mx.broadcast_to(self.query_embed, (codes.shape[0], *self.query_embed.shape[1:]))
         for block in self.blocks:
-            x = block(x, codes, code_bias)
+            x = block(x, tokens, code_bias)
         x = self.norm(x)
         for layer in self.decode_task_layer:
-            x = layer(x)  # (B, num_patches, feature_dim)
+            x = layer(x)
+        return x
+
+    def unet_condition(self, features: mx.array) -> Union[mx.array, Tuple[mx.array, mx.array]]:
+        """The UNet heads on decoded features (B, num_patches, feature_dim): low-res context, or
+        high-res (prompt_embeds, pooled)."""
         if not self.config.highres:
-            return self.unet_proj(x)
-        prompt_embeds = mx.concatenate([self.unet_proj_1(x), self.unet_proj_2(x)], axis=-1)
-        return prompt_embeds, self.unet_attnpool(x)
+            return self.unet_proj(features)
+        prompt_embeds = mx.concatenate([self.unet_proj_1(features), self.unet_proj_2(features)], axis=-1)
+        return prompt_embeds, self.unet_attnpool(features)
