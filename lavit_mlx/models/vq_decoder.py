@@ -32,6 +32,15 @@ def padded_attend(bias: mx.array):
     return attend
 
 
+def policy_attend(visible: mx.array):
+    """Softmax attention weighted by `visible` (B, 1, 1, T) on the keys (training's straight-through mask)."""
+
+    def attend(q, k, v, scale):
+        return ops.policy_attention(q, k, v, scale, visible)
+
+    return attend
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, config: VQDecoderConfig):
         super().__init__()
@@ -43,9 +52,9 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(w, eps=config.eps)
         self.mlp = Mlp(w, config.mlp_dim)
 
-    def __call__(self, queries, codes, code_bias):
+    def __call__(self, queries, codes, attend):
         queries = queries + self.self_attn(self.norm0(queries))
-        queries = queries + self.cross_attn(self.norm1(queries), codes, padded_attend(code_bias))
+        queries = queries + self.cross_attn(self.norm1(queries), codes, attend)
         return queries + self.mlp(self.norm2(queries))
 
 
@@ -109,7 +118,8 @@ class VQDecoder(nn.Module):
         valid = (mx.arange(longest)[None, :] < mx.array(lengths)[:, None]).astype(mx.float32)
         return self.unet_condition(self.decode_features(padded, valid))
 
-    def decode_features(self, codes: mx.array, mask: mx.array, positions: Optional[mx.array] = None) -> mx.array:
+    def decode_features(self, codes: mx.array, mask: mx.array, positions: Optional[mx.array] = None,
+                        policy: Optional[mx.array] = None) -> mx.array:
         """The trunk and `decode_task_layer` on a padded batch: ViT-like features (B, num_patches, feature_dim).
 
         Args:
@@ -118,18 +128,27 @@ class VQDecoder(nn.Module):
             positions: (B, T) int index into `pos_embed` of each code; default 0..T-1, the
                 inference layout. Training passes each kept token's rank among the kept ones
                 with the tokens left in place: cross-attention does not depend on the order of
-                its keys, so this equals the compacted sequence exactly.
+                its keys, so this equals the compacted sequence.
+            policy: training only: the keep mask with its straight-through gradient, used as
+                weights on the keys' softmax instead of the padding bias (the merger's rule,
+                `ops.policy_attention`). Its forward values are `mask`'s, so the result equals
+                the padded one (up to that rule's 1e-6 epsilon), and the gradient tells the
+                selector what each token's code is worth to the reconstruction.
         """
         T = codes.shape[1]
-        tokens = self.in_proj(codes) * mask[..., None]  # padded rows are zero + position
+        tokens = self.in_proj(codes)
+        if policy is None:
+            tokens = tokens * mask[..., None]  # padded rows are zero + position
+            attend = padded_attend(mx.where(mask > 0, 0.0, PAD_BIAS)[:, None, None, :])  # (B, 1, 1, T)
+        else:
+            attend = policy_attend(policy[:, None, None, :])
         if positions is None:
             tokens = tokens + self.pos_embed[:, :T]
         else:
             tokens = tokens + mx.take(self.pos_embed[0], positions, axis=0)
-        code_bias = mx.where(mask > 0, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, T)
         x = mx.broadcast_to(self.query_embed, (codes.shape[0], *self.query_embed.shape[1:]))
         for block in self.blocks:
-            x = block(x, tokens, code_bias)
+            x = block(x, tokens, attend)
         x = self.norm(x)
         for layer in self.decode_task_layer:
             x = layer(x)

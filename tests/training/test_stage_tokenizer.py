@@ -65,7 +65,7 @@ def tokenizer_overrides(world: Path, encoder: Path, out: Path, steps: int, **ext
                 "model.highres_decoder.depth": 1, "model.highres_decoder.num_heads": 2,
                 "model.highres_decoder.context_dims": "[16, 24]", "model.highres_decoder.pooled_dim": 8,
                 "train.steps": steps, "train.batch_size": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 2,
-                "train.log_every": 1, "train.save_every": 5, "train.eval_batches": 2, "loss.kmeans_batches": 2,
+                "train.log_every": 1, "train.save_every": 5, "train.eval_batches": 2, "loss.init_batches": 2,
                 "loss.dead_after": 3, **extra}
     return [f"{k}={v}" for k, v in settings.items()] + data_overrides(world)
 
@@ -109,6 +109,9 @@ def test_in_place_decoding_equals_the_compacted_sequence():
     prompt, pooled = decoder(rows)  # inference: compacted, positions 0..T-1, padded to the longest
     expected_prompt, expected_pooled = decoder.unet_condition(in_place)
     assert mx.allclose(prompt, expected_prompt, atol=1e-5) and mx.allclose(pooled, expected_pooled, atol=1e-5)
+    # training's straight-through key weights give the same forward (the merger's rule: eps 1e-6)
+    soft = decoder.decode_features(codes, kept, kept_positions(kept), policy=kept)
+    assert mx.allclose(soft, in_place, atol=1e-4)
 
 
 def test_loss_falls_and_the_export_tokenizes(world, tmp_path):
@@ -175,7 +178,7 @@ def test_two_ranks_keep_one_codebook(world, tmp_path):
 def test_bad_configs_are_one_line_errors(world):
     encoder = world / "encoder"
     for override, message in (("loss.codebook=kmeans", "loss.codebook"), ("model.decoders=[big]", "model.decoders"),
-                              ("loss.noise_end=2", "noise_end"),
+                              ("loss.keep_ratio=0", "keep_ratio"),
                               ("model.highres_decoder.context_dims=[16]", "context_dims")):
         with pytest.raises(LaVITError, match=message):
             load_run_config("tokenizer", None, [f"model.init={encoder}", override])

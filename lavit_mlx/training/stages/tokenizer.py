@@ -7,8 +7,27 @@ dropped) from the kept, quantised tokens:
 
     loss = mean_patches(1 - cos(decoded, target))      summed over the trained decoders
          + keep_weight * (mean keep fraction - keep_ratio)^2
+         + decision_weight * mean(p_keep * (1 - p_keep))
          + commitment * ||z - sg(e)||^2                  (kept tokens)
          + codebook_weight * ||sg(z) - e||^2             (kept tokens; `codebook: gradient` only)
+
+The decision term is this project's: the release samples the selection at inference, where
+the keep fraction is the mean keep probability that the ratio term holds at rho; this
+project's default is the deterministic rule p_keep > 1/2, which keeps rho only when the
+probabilities are decided. In a short run they are not: the selector ranks content patches
+higher but leaves every probability below 1/2 (3% kept deterministically against 39%
+sampled after 50 steps). The term pushes each probability away from 1/2, to the side it
+leans to. (Annealing the Gumbel noise instead fails: a draw with noise scale s keeps a
+patch with probability sigmoid(logit / s), and the selector shrinks its logits with s.)
+
+Centred features (`center_features`): the pre-norm features of a residual ViT share a large
+constant component (for the shapes encoder the mean feature alone scores 1 - cos = 0.07, and
+after the merger's LayerNorms every token is ~97% the same vector), so the quantizer's inputs
+start collapsed and the decoder learns to ignore the codes (measured: a decoder whose output
+did not depend on the image). The stage therefore subtracts the mean patch feature of the
+first `init_batches` batches from the frozen EVA's output, folded into its last block's
+`mlp.fc2.bias` (exact, no new parameter); the tokenizer reads, and the decoder reconstructs,
+centred features, at training and at inference, and the shifted EVA is exported with them.
 
 The paper's sum over the 256 patches is taken as a mean here (so `keep_weight` is on the
 scale of one patch). The keep fraction is the batch's, so images with more content can keep
@@ -21,22 +40,25 @@ encoder outputs assigned to it is l2-normalised, the row moves to it with `ema_d
 re-normalised; the counts and sums are all-reduced over data-parallel ranks, so every rank
 keeps the same codebook) or plain gradient updates (`codebook: gradient`, rows re-normalised
 after each step). Both start from spherical k-means on the encoder outputs of the first
-`kmeans_batches` batches, and a code unused for `dead_after` steps is re-drawn from the
+`init_batches` batches, and a code unused for `dead_after` steps is re-drawn from the
 step's kept encoder outputs (the same draw on every rank).
 
 Fixed shapes in the compiled step: all N positions are computed; dropped tokens are masked
-in the merger's softmax (the model's behaviour) and in the decoder's cross-attention by the
-release's padding bias. The kept tokens stay at their positions and each gets the position
-embedding of its rank among the kept ones, so the decoder sees exactly what inference
-gives it (the kept codes in raster order with positions 0..T-1): cross-attention does not
-depend on the order of its keys (`VQDecoder.decode_features`).
+in the merger's softmax (the model's behaviour) and in the decoder's cross-attention. The
+kept tokens stay at their positions and each gets the position embedding of its rank among
+the kept ones, so the decoder sees what inference gives it (the kept codes in raster order
+with positions 0..T-1): cross-attention does not depend on the order of its keys
+(`VQDecoder.decode_features`). In training the decoder's key mask is the straight-through
+keep mask used as softmax weights (forward: the padding mask, to 1e-6) rather than the
+additive padding bias, so that the selector learns what each kept code is worth to the
+reconstruction; through the merger's attention alone that signal is too weak for a short run.
 
 The decoder's trunk and `decode_task_layer` are trained here against the target features;
 its `unet_proj*` heads (and the high-res attention pool) stay frozen at their
 initialisation and are trained with the pixel decoder in stage 3.
 
-Export: `out/model` = a copy of the init folder + `tokenizer` and the trained decoders, so
-`lavit tokenize --model out/model` works.
+Export: `out/model` = a copy of the init folder + `eva` (centred), `tokenizer` and the trained
+decoders, so `lavit tokenize --model out/model` works.
 """
 
 from __future__ import annotations
@@ -114,14 +136,14 @@ class TokenizerLoss:
     keep_ratio: float = 1 / 3  # rho: the target mean keep fraction
     keep_weight: float = 2.0  # lambda
     gumbel_tau: float = 1.0  # temperature of the straight-through Gumbel-softmax selection
-    noise_start: float = 1.0  # scale of the Gumbel noise at step 0 ...
-    noise_end: float = 0.0  # ... and at the last step (linear): 0 ends on inference's deterministic rule
+    decision_weight: float = 0.5  # weight of mean p(1 - p) of the keep probabilities (see the docstring)
     commitment: float = 0.25  # beta
     codebook: str = "ema"  # ema | gradient
     codebook_weight: float = 1.0  # the codebook term (gradient mode)
     ema_decay: float = 0.99
-    kmeans_batches: int = 2  # batches of encoder outputs the k-means initialisation reads (0: random rows)
-    kmeans_iters: int = 10
+    init_batches: int = 2  # batches read once at the start: the feature mean and the k-means data
+    kmeans_iters: int = 10  # 0: the codebook starts from random unit rows
+    center_features: bool = True  # shift EVA's output to zero mean (see the module docstring)
     dead_after: int = 100  # steps without a use that make a code dead (logged, and restarted)
     restart_dead: bool = True
 
@@ -132,8 +154,6 @@ class TokenizerLoss:
             raise LaVITError(f"loss.keep_ratio {self.keep_ratio}: expected in (0, 1]")
         if not 0 <= self.ema_decay < 1:
             raise LaVITError(f"loss.ema_decay {self.ema_decay}: expected in [0, 1)")
-        if not 0 <= self.noise_end <= self.noise_start:
-            raise LaVITError("loss.noise_start and loss.noise_end: expected 0 <= noise_end <= noise_start")
         if self.gumbel_tau <= 0 or self.dead_after < 1:
             raise LaVITError("loss.gumbel_tau must be > 0 and loss.dead_after at least 1")
 
@@ -249,12 +269,12 @@ class TokenizerStage(Stage):
         self.model.train()
         self.model.eva.eval()
         self.codebook_size = self.lavit_config.tokenizer.codebook_size
+        self.centring_key = f"eva.blocks.{vision.depth - 1}.mlp.fc2.bias"
         self.num_patches = vision.num_patches
         self.state = {
             "idle": mx.zeros((self.codebook_size,), mx.int32),  # steps since each code was last used
             "restart_key": mx.random.key(config.train.seed),  # the same dead-code draws on every rank
-            "initialised": mx.zeros((1,), mx.int32),  # 1 once the k-means initialisation ran
-            "step": mx.zeros((1,), mx.float32),  # optimizer steps taken (the noise schedule)
+            "initialised": mx.zeros((1,), mx.int32),  # 1 once the feature mean and k-means were set
         }
         self.data = ImageData(config, world, self._example)
 
@@ -289,48 +309,38 @@ class TokenizerStage(Stage):
     def loss(self, model, batch):
         cfg = self.loss_config
         target = mx.stop_gradient(model.eva(batch["pixels"])[:, 1:])  # (B, N, width), CLS dropped
-        noise = self.noise_scale() * mx.random.gumbel((*target.shape[:2], 2))
-        out = model.tokenizer(target, noise=noise, tau=cfg.gumbel_tau)
+        out = model.tokenizer(target, tau=cfg.gumbel_tau)  # training mode: a hard Gumbel draw
         kept = mx.stop_gradient(out.keep)  # the forward values: exactly 0 or 1
         positions = kept_positions(kept)
         metrics = {}
         loss = 0.0
         for name in self.decoder_names:
-            decoded = model[name].decode_features(out.quantized, kept, positions)
+            decoded = model[name].decode_features(out.quantized, kept, positions, policy=out.keep)
             term = mx.mean(1.0 - cosine(decoded, target))
             metrics[f"{name.split('_')[0]}_reconstruction"] = term
             loss = loss + term
         keep_fraction = mx.mean(out.keep)  # carries the straight-through gradient
         ratio = (keep_fraction - cfg.keep_ratio) ** 2
+        keep_probability = mx.exp(out.logprobs[..., 0])
+        indecision = mx.mean(keep_probability * (1.0 - keep_probability))
         count = mx.maximum(mx.sum(kept), 1.0)
         rows = model.tokenizer.quantize.embedding(out.codes)
         commitment = mx.sum(kept * mx.sum((out.z - mx.stop_gradient(rows)) ** 2, axis=-1)) / count
-        loss = loss + cfg.keep_weight * ratio + cfg.commitment * commitment
+        loss = loss + cfg.keep_weight * ratio + cfg.commitment * commitment + cfg.decision_weight * indecision
         if cfg.codebook == "gradient":
             codebook = mx.sum(kept * mx.sum((mx.stop_gradient(out.z) - rows) ** 2, axis=-1)) / count
             loss = loss + cfg.codebook_weight * codebook
             metrics["codebook"] = codebook
         counts, _ = code_statistics(out.codes, out.z, kept, self.codebook_size)
         metrics.update({
-            "keep_ratio_loss": ratio, "noise": self.noise_scale(), "commitment": commitment, "keep_fraction": keep_fraction,
+            "keep_ratio_loss": ratio, "indecision": indecision, "commitment": commitment,
+            "keep_fraction": keep_fraction,
             "tokens_per_image": mx.sum(kept) / kept.shape[0], "perplexity": perplexity(counts),
             "dead_codes": mx.sum(self.state["idle"] >= cfg.dead_after),
             # arrays for `update` (not logged)
             "codes": out.codes, "z": out.z, "kept": kept,
         })
         return loss, metrics
-
-    def noise_scale(self) -> mx.array:
-        """The Gumbel noise scale of this step: noise_start to noise_end over train.steps.
-
-        A hard Gumbel draw keeps a patch with its keep probability whatever the temperature, while
-        inference keeps it when that probability passes 1/2; shrinking the noise moves training
-        onto inference's rule, so that the keep fraction the ratio term holds at rho is the one
-        inference gives.
-        """
-        cfg = self.loss_config
-        progress = mx.minimum(self.state["step"] / max(1, self.config.train.steps - 1), 1.0)
-        return (cfg.noise_start + (cfg.noise_end - cfg.noise_start) * progress)[0]
 
     def update(self, model, metrics) -> None:
         """Codebook statistics of the step (all-reduced over ranks) -> norm-EMA or re-normalisation,
@@ -354,7 +364,6 @@ class TokenizerStage(Stage):
             idle = mx.where(dead, 0, idle)
             self.state["restart_key"] = key
         self.state["idle"] = idle.astype(mx.int32)
-        self.state["step"] = self.state["step"] + 1
         quantize.embedding.weight = weight
 
     def _restart_rows(self, z: mx.array, kept: mx.array, key: mx.array) -> mx.array:
@@ -367,31 +376,37 @@ class TokenizerStage(Stage):
         logits = mx.where(kept > 0, 0.0, -1e9)  # uniform over the kept tokens (all, if none is kept)
         return z[mx.random.categorical(logits, num_samples=self.codebook_size, key=key)]
 
-    def kmeans_initialise(self) -> None:
-        """Spherical k-means of the encoder outputs (every position, deterministic selection) of
-        the first `kmeans_batches` training batches, read by a second stream so that the training
-        cursor does not move; identical on every rank (the points are all-gathered)."""
+    def initialise_from_data(self) -> None:
+        """From the encoder's outputs on the first `init_batches` training batches: the feature
+        mean folded into EVA (`center_features`), then spherical k-means of the tokenizer's
+        outputs (every position, deterministic selection). A second stream reads them, so the
+        training cursor does not move; they are all-gathered so that every rank does the same."""
         cfg = self.loss_config
         tokenizer = self.model.tokenizer
-        if cfg.kmeans_batches > 0:
-            points = []
-            tokenizer.eval()
-            for batch in islice(ImageData(self.config, self.world, self._example), cfg.kmeans_batches):
-                z = tokenizer(self.model.eva(batch["pixels"])[:, 1:]).z
-                points.append(z.reshape(-1, z.shape[-1]))
-            tokenizer.train()
-            points = mx.concatenate(points)
+        if cfg.init_batches > 0:
+            batches = list(islice(ImageData(self.config, self.world, self._example), cfg.init_batches))
+            features = mx.concatenate([self.model.eva(batch["pixels"])[:, 1:] for batch in batches])
             if self.world.size > 1:
-                points = mx.distributed.all_gather(points, group=self.world.group)
-            key = mx.random.key(self.config.train.seed + 1)
-            tokenizer.quantize.embedding.weight = spherical_kmeans(points, self.codebook_size, cfg.kmeans_iters, key)
+                features = mx.distributed.all_gather(features, group=self.world.group)
+            if cfg.center_features:
+                mean = mx.mean(features, axis=(0, 1))
+                fc2 = self.model.eva.blocks[-1].mlp.fc2
+                fc2.bias = fc2.bias - mean  # the residual stream ends with this bias: EVA's output - mean
+                features = features - mean
+            if cfg.kmeans_iters > 0:
+                tokenizer.eval()
+                z = tokenizer(features).z
+                tokenizer.train()
+                key = mx.random.key(self.config.train.seed + 1)
+                tokenizer.quantize.embedding.weight = spherical_kmeans(z.reshape(-1, z.shape[-1]), self.codebook_size,
+                                                                       cfg.kmeans_iters, key)
         self.state["initialised"] = mx.ones((1,), mx.int32)
-        mx.eval(tokenizer.quantize.embedding.weight, self.state)
+        mx.eval(self.model.parameters(), self.state)
 
     # ----------------------------------------------------------------- data
     def batches(self):
         if int(self.state["initialised"][0]) == 0:  # a fresh run (a resumed one loaded its codebook)
-            self.kmeans_initialise()
+            self.initialise_from_data()
         yield from self.data
 
     def data_state(self) -> dict:
@@ -404,9 +419,11 @@ class TokenizerStage(Stage):
         return merge_states(states)
 
     def saved_parameters(self) -> Dict[str, mx.array]:
-        """The trainable parameters and the codebook (moved by `update` in EMA mode)."""
+        """The trainable parameters, the codebook (moved by `update` in EMA mode) and the EVA bias
+        that carries the centring."""
         saved = super().saved_parameters()
         saved["tokenizer.quantize.embedding.weight"] = self.model.tokenizer.quantize.embedding.weight
+        saved[self.centring_key] = self.model.eva.blocks[-1].mlp.fc2.bias
         return saved
 
     # ----------------------------------------------------------------- evaluation and export
@@ -451,7 +468,8 @@ class TokenizerStage(Stage):
                 shutil.rmtree(folder)  # an earlier export of this run
             shutil.copytree(self.init_folder, folder)
         self.model.tokenizer.eval()
-        modules = {"tokenizer": self.model.tokenizer, **{name: self.model[name] for name in self.decoder_names}}
+        modules = {"eva": self.model.eva, "tokenizer": self.model.tokenizer,
+                   **{name: self.model[name] for name in self.decoder_names}}
         save_components(folder, self.lavit_config, modules)
 
     def close(self) -> None:
