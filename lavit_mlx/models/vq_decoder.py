@@ -11,7 +11,7 @@ attention pool (SDXL's text_embeds).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +32,15 @@ def padded_attend(bias: mx.array):
     return attend
 
 
+def policy_attend(visible: mx.array):
+    """Softmax attention weighted by `visible` (B, 1, 1, T) on the keys (training's straight-through mask)."""
+
+    def attend(q, k, v, scale):
+        return ops.policy_attention(q, k, v, scale, visible)
+
+    return attend
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, config: VQDecoderConfig):
         super().__init__()
@@ -43,9 +52,9 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(w, eps=config.eps)
         self.mlp = Mlp(w, config.mlp_dim)
 
-    def __call__(self, queries, codes, code_bias):
+    def __call__(self, queries, codes, attend):
         queries = queries + self.self_attn(self.norm0(queries))
-        queries = queries + self.cross_attn(self.norm1(queries), codes, padded_attend(code_bias))
+        queries = queries + self.cross_attn(self.norm1(queries), codes, attend)
         return queries + self.mlp(self.norm2(queries))
 
 
@@ -104,19 +113,51 @@ class VQDecoder(nn.Module):
             raise ValueError("no visual tokens to decode")
         if longest > self.config.num_patches:
             raise ValueError(f"{longest} visual tokens exceed the decoder's {self.config.num_patches} positions")
-        codes = mx.stack([
-            mx.pad(self.in_proj(rows.astype(mx.float32)), [(0, longest - len_), (0, 0)]) for rows, len_ in zip(code_rows, lengths)
-        ]) + self.pos_embed[:, :longest]  # (B, T, width); padded rows are zero + position
-        valid = mx.arange(longest)[None, :] < mx.array(lengths)[:, None]
-        code_bias = mx.where(valid, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, T)
+        padded = mx.stack([mx.pad(rows.astype(mx.float32), [(0, longest - length), (0, 0)])
+                           for rows, length in zip(code_rows, lengths)])  # (B, T, code_dim)
+        valid = (mx.arange(longest)[None, :] < mx.array(lengths)[:, None]).astype(mx.float32)
+        return self.unet_condition(self.decode_features(padded, valid))
 
-        x = mx.broadcast_to(self.query_embed, (len(code_rows), *self.query_embed.shape[1:]))
+    def decode_features(self, codes: mx.array, mask: mx.array, positions: Optional[mx.array] = None,
+                        policy: Optional[mx.array] = None) -> mx.array:
+        """The trunk and `decode_task_layer` on a padded batch: ViT-like features (B, num_patches, feature_dim).
+
+        Args:
+            codes: (B, T, code_dim) codebook rows (anything where `mask` is 0).
+            mask: (B, T) 1 for a code, 0 for padding (its keys get PAD_BIAS, as the release's).
+            positions: (B, T) int index into `pos_embed` of each code; default 0..T-1, the
+                inference layout. Training passes each kept token's rank among the kept ones
+                with the tokens left in place: cross-attention does not depend on the order of
+                its keys, so this equals the compacted sequence.
+            policy: training only: the keep mask with its straight-through gradient, used as
+                weights on the keys' softmax instead of the padding bias (the merger's rule,
+                `ops.policy_attention`). Its forward values are `mask`'s, so the result equals
+                the padded one (up to that rule's 1e-6 epsilon), and the gradient tells the
+                selector what each token's code is worth to the reconstruction.
+        """
+        T = codes.shape[1]
+        tokens = self.in_proj(codes)
+        if policy is None:
+            tokens = tokens * mask[..., None]  # padded rows are zero + position
+            attend = padded_attend(mx.where(mask > 0, 0.0, PAD_BIAS)[:, None, None, :])  # (B, 1, 1, T)
+        else:
+            attend = policy_attend(policy[:, None, None, :])
+        if positions is None:
+            tokens = tokens + self.pos_embed[:, :T]
+        else:
+            tokens = tokens + mx.take(self.pos_embed[0], positions, axis=0)
+        x = mx.broadcast_to(self.query_embed, (codes.shape[0], *self.query_embed.shape[1:]))
         for block in self.blocks:
-            x = block(x, codes, code_bias)
+            x = block(x, tokens, attend)
         x = self.norm(x)
         for layer in self.decode_task_layer:
-            x = layer(x)  # (B, num_patches, feature_dim)
+            x = layer(x)
+        return x
+
+    def unet_condition(self, features: mx.array) -> Union[mx.array, Tuple[mx.array, mx.array]]:
+        """The UNet heads on decoded features (B, num_patches, feature_dim): low-res context, or
+        high-res (prompt_embeds, pooled)."""
         if not self.config.highres:
-            return self.unet_proj(x)
-        prompt_embeds = mx.concatenate([self.unet_proj_1(x), self.unet_proj_2(x)], axis=-1)
-        return prompt_embeds, self.unet_attnpool(x)
+            return self.unet_proj(features)
+        prompt_embeds = mx.concatenate([self.unet_proj_1(features), self.unet_proj_2(features)], axis=-1)
+        return prompt_embeds, self.unet_attnpool(features)

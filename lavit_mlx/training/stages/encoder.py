@@ -1,0 +1,294 @@
+"""The encoder stage: a small EVA ViT for a new world, pretrained CLIP-style on its captions.
+
+LaVIT's tokenizer reads a frozen pretrained CLIP ViT (EVA-CLIP ViT-g/14, reference section
+3); a world without one needs its own. This stage trains the project's own
+`EVAVisionTransformer` (so the tokenizer stage and the CLI use it unchanged) with:
+
+- CLIP's symmetric InfoNCE between the image embedding (`head(norm(CLS))`, EVA-CLIP's
+  own head) and a small causal text transformer over the text tokenizer's ids (the
+  embedding at the eos, CLIP's pooling), with a learned temperature. Captions that occur
+  twice in a batch are both positives (a one-object world repeats captions often);
+- an auxiliary per-patch pixel prediction: a linear head on every normed patch feature
+  predicts that patch's pixels pooled to `patch_grid` x `patch_grid`. Why: the tokenizer
+  needs patch features that say what each patch holds (background or which colour and
+  outline) and where, and the contrastive signal alone reaches the patches only through
+  the CLS token; in the few hundred steps this stage has on a CPU it mostly learns the
+  colours. The dense term costs one small matmul and is world-agnostic (no labels), and
+  the head is dropped at export.
+
+Negatives are the rank's own batch (no all_gather). Only `eva` is exported (with its
+config) into `out/model` via `save_components`; the text tower is a training aid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ...config import EVAConfig, LaVITConfig, TokenIds, mlp_width
+from ...data import DataStream, batches, merge_states
+from ...errors import LaVITError
+from ...image_processing import preprocess
+from ...models.eva_vit import EVAVisionTransformer
+from ..config import RunConfig, register_stage
+from ..loop import Stage, World
+from . import stage_builder
+
+INIT_STD = 0.02  # position embeddings and CLS token, as timm/EVA initialise them
+
+
+@dataclass
+class EncoderModel:
+    """`model:` of the encoder stage: the EVA sizes and the text tower's."""
+
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_dim: int = 0  # 0: int(width * 4.3637), the release's ratio
+    patch_size: int = 28
+    embed_dim: int = 128  # the CLIP head's output (EVA's `head`)
+    text_tokenizer: str = ""  # folder holding the sentencepiece tokenizer.model
+    text_width: int = 128
+    text_depth: int = 2
+    text_heads: int = 4
+    text_length: int = 48  # caption ids (with the eos) padded or cut to this
+
+    def check(self) -> None:
+        if not self.text_tokenizer:
+            raise LaVITError("model.text_tokenizer: the folder of the text tokenizer (tokenizer.model) is required")
+        for heads, width, name in ((self.num_heads, self.width, "model.num_heads"),
+                                   (self.text_heads, self.text_width, "model.text_heads")):
+            if heads < 1 or width % heads:
+                raise LaVITError(f"{name} {heads} does not divide the width {width}")
+
+    def eva_config(self, image_size: int) -> EVAConfig:
+        if image_size % self.patch_size:
+            raise LaVITError(f"model.patch_size {self.patch_size} does not divide data.image_size {image_size}")
+        return EVAConfig(width=self.width, depth=self.depth, num_heads=self.num_heads,
+                         mlp_dim=self.mlp_dim or mlp_width(self.width), patch_size=self.patch_size,
+                         image_size=image_size, head_dim_out=self.embed_dim)
+
+
+@dataclass
+class EncoderLoss:
+    """`loss:` of the encoder stage."""
+
+    temperature: float = 0.07  # initial softmax temperature (CLIP's), then learned
+    max_logit_scale: float = 100.0  # CLIP clamps 1/temperature here
+    patch_weight: float = 1.0  # the auxiliary per-patch pixel prediction (0: off)
+    patch_grid: int = 4  # each patch's pixels pooled to grid x grid per colour channel
+
+    def check(self) -> None:
+        if not 0 < self.temperature < 1:
+            raise LaVITError(f"loss.temperature {self.temperature}: expected between 0 and 1")
+        if self.patch_grid < 1 or self.patch_weight < 0:
+            raise LaVITError("loss.patch_grid must be at least 1 and loss.patch_weight at least 0")
+
+
+register_stage("encoder", EncoderModel, EncoderLoss,
+               {"steps": 400, "batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 40, "weight_decay": 0.05,
+                "beta2": 0.98})
+
+
+# ----------------------------------------------------------------------------- data
+def stack(examples: List[dict]) -> Dict[str, mx.array]:
+    return {key: mx.array(np.stack([example[key] for example in examples])) for key in examples[0]}
+
+
+class ImageData:
+    """Batches of processed pictures (plus what `example` adds) from one `DataStream`, whose
+    cursor is the stage's data state. Shared by the encoder and tokenizer stages."""
+
+    def __init__(self, config: RunConfig, world: World, example: Callable, sources=None, epochs=None,
+                 shuffle: bool = True):
+        data = config.data
+        self.batch_size = config.train.batch_size
+        self.image_size = data.image_size
+        self.example = example
+        self.stream = DataStream(sources if sources is not None else data.train, rank=world.rank,
+                                 world_size=world.size, seed=config.train.seed,
+                                 shuffle_buffer=data.shuffle_buffer if shuffle else 1, shuffle_shards=shuffle,
+                                 lines_per_shard=data.lines_per_shard, epochs=epochs, transform=self._transform)
+
+    def _transform(self, sample):
+        fields = self.example(sample)
+        if fields is None:
+            return None
+        return {"pixels": preprocess([sample.image], self.image_size)[0], **fields}
+
+    def __iter__(self) -> Iterator[Dict[str, mx.array]]:
+        for group in batches(self.stream, self.batch_size, drop_last=True):
+            yield stack(group)
+
+    def state(self) -> dict:
+        return self.stream.state_dict()
+
+    def load(self, state: dict) -> None:
+        if state:
+            self.stream.load_state_dict(state)
+
+    def close(self) -> Optional[str]:
+        from ...data import format_stats
+
+        return format_stats(self.stream.stats)
+
+
+def eval_sources(config: RunConfig):
+    """The eval manifest, or the training one when none is given."""
+    return config.data.eval if config.data.eval is not None else config.data.train
+
+
+# ----------------------------------------------------------------------------- model
+def l2_normalize(x: mx.array) -> mx.array:
+    return x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def init_vision_transformer(eva: EVAVisionTransformer) -> None:
+    """Random position embeddings and CLS token (the module's zeros are placeholders for loading)."""
+    eva.pos_embed = INIT_STD * mx.random.normal(eva.pos_embed.shape)
+    eva.cls_token = INIT_STD * mx.random.normal(eva.cls_token.shape)
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text tower at a small size: causal pre-norm transformer, the eos position pooled."""
+
+    def __init__(self, vocab_size: int, length: int, width: int, depth: int, heads: int, embed_dim: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = INIT_STD * mx.random.normal((length, width))
+        self.transformer = nn.TransformerEncoder(depth, width, heads, mlp_dims=4 * width, activation=nn.gelu)
+        self.text_projection = nn.Linear(width, embed_dim, bias=False)
+
+    def __call__(self, ids: mx.array, lengths: mx.array) -> mx.array:
+        """Embeddings (B, embed_dim) of ids (B, L) whose last real id (the eos) is at lengths - 1."""
+        L = ids.shape[1]
+        x = self.token_embedding(ids) + self.positional_embedding[:L]
+        x = self.transformer(x, nn.MultiHeadAttention.create_additive_causal_mask(L))
+        eos = mx.take_along_axis(x, (lengths - 1)[:, None, None].astype(mx.int32), axis=1)[:, 0]
+        return self.text_projection(eos)
+
+
+class ContrastivePretraining(nn.Module):
+    """EVA + text tower + learned temperature + the auxiliary patch head (training only)."""
+
+    def __init__(self, eva_config: EVAConfig, model: EncoderModel, vocab_size: int, loss: EncoderLoss):
+        super().__init__()
+        self.eva = EVAVisionTransformer(eva_config)
+        init_vision_transformer(self.eva)
+        self.text = TextEncoder(vocab_size, model.text_length, model.text_width, model.text_depth,
+                                model.text_heads, model.embed_dim)
+        self.logit_scale = mx.array([math.log(1.0 / loss.temperature)])
+        self.patch_head = nn.Linear(eva_config.width, 3 * loss.patch_grid ** 2)
+
+
+def pooled_patches(pixels: mx.array, patch: int, grid: int) -> mx.array:
+    """Each patch's pixels averaged to grid x grid: (B, 3, H, W) -> (B, patches, 3 * grid * grid)."""
+    B, C, H, W = pixels.shape
+    cell = patch // grid
+    x = pixels.reshape(B, C, H // patch, grid, cell, W // patch, grid, cell).mean(axis=(4, 7))
+    x = x.transpose(0, 2, 4, 1, 3, 5)  # (B, rows, cols, C, grid, grid)
+    return x.reshape(B, (H // patch) * (W // patch), C * grid * grid)
+
+
+# ----------------------------------------------------------------------------- the stage
+@stage_builder("encoder")
+class EncoderStage(Stage):
+    """`lavit train encoder`: pretrain the world's EVA (see the module docstring)."""
+
+    name = "encoder"
+
+    def __init__(self, config: RunConfig, world: World):
+        super().__init__(config, world)
+        from ...models.llm import TextTokenizer
+
+        self.model_config: EncoderModel = config.model
+        self.loss_config: EncoderLoss = config.loss
+        if self.model_config.patch_size % self.loss_config.patch_grid:
+            raise LaVITError(f"loss.patch_grid {self.loss_config.patch_grid} does not divide "
+                             f"model.patch_size {self.model_config.patch_size}")
+        folder = Path(self.model_config.text_tokenizer).expanduser()
+        self.text_tokenizer = TextTokenizer(folder / "tokenizer.model")
+        self.vocab_size = self.text_tokenizer.sp.get_piece_size()
+        self.eva_config = self.model_config.eva_config(config.data.image_size)
+        self.model = ContrastivePretraining(self.eva_config, self.model_config, self.vocab_size, self.loss_config)
+        self.data = ImageData(config, world, self._caption_ids)
+
+    def _caption_ids(self, sample) -> Optional[dict]:
+        if not sample.text:
+            return None  # a VQA line: this stage learns from captions
+        eos = self.text_tokenizer.token_ids.eos
+        ids = (self.text_tokenizer.encode(sample.text) + [eos])[: self.model_config.text_length]
+        padded = np.full((self.model_config.text_length,), eos, np.int32)
+        padded[: len(ids)] = ids
+        return {"text": padded, "length": np.int32(len(ids))}
+
+    def loss(self, model, batch):
+        features = model.eva(batch["pixels"])  # (B, 1 + patches, width), before the final norm
+        normed = model.eva.norm(features)
+        image = l2_normalize(model.eva.head(normed[:, 0]))
+        text = l2_normalize(model.text(batch["text"], batch["length"]))
+        scale = mx.exp(mx.minimum(model.logit_scale[0], math.log(self.loss_config.max_logit_scale)))
+        logits = scale * (image @ text.T)  # (B, B) image i against caption j
+        ids = batch["text"]
+        same = mx.all(ids[:, None, :] == ids[None, :, :], axis=-1).astype(mx.float32)  # identical captions
+        targets = same / mx.sum(same, axis=-1, keepdims=True)
+        image_to_text = -mx.mean(mx.sum(targets * nn.log_softmax(logits, axis=-1), axis=-1))
+        text_to_image = -mx.mean(mx.sum(targets * nn.log_softmax(logits.T, axis=-1), axis=-1))
+        contrastive = (image_to_text + text_to_image) / 2
+        metrics = {"contrastive": contrastive, "logit_scale": scale,
+                   "retrieval_accuracy": mx.mean(mx.take_along_axis(same, mx.argmax(logits, axis=-1)[:, None],
+                                                                    axis=1))}
+        loss = contrastive
+        if self.loss_config.patch_weight > 0:
+            target = pooled_patches(batch["pixels"], self.eva_config.patch_size, self.loss_config.patch_grid)
+            patch = mx.mean((model.patch_head(normed[:, 1:]) - target) ** 2)
+            metrics["patch_pixels"] = patch
+            loss = loss + self.loss_config.patch_weight * patch
+        return loss, metrics
+
+    def batches(self):
+        return iter(self.data)
+
+    def data_state(self) -> dict:
+        return self.data.state()
+
+    def load_data_state(self, state: dict) -> None:
+        self.data.load(state)
+
+    def merge_data_states(self, states):
+        return merge_states(states)
+
+    def evaluate(self) -> Dict[str, float]:
+        """Contrastive loss, retrieval accuracy (image -> caption within a batch) and patch loss
+        over `train.eval_batches` batches of the eval data."""
+        data = ImageData(self.config, self.world, self._caption_ids, sources=eval_sources(self.config), epochs=1,
+                         shuffle=False)
+        totals: Dict[str, float] = {}
+        count = 0
+        for index, batch in enumerate(data):
+            if index == self.config.train.eval_batches:
+                break
+            _, metrics = self.loss(self.model, batch)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            count += 1
+        return {key: value / max(count, 1) for key, value in totals.items() if key != "logit_scale"}
+
+    def export(self, folder: Path) -> None:
+        config = LaVITConfig(vision=self.eva_config, token_ids=TokenIds(num_text=self.vocab_size))
+        self.model.eva.eval()
+        from ...export import save_components
+
+        save_components(folder, config, {"eva": self.model.eva})
+
+    def close(self) -> None:
+        import sys
+
+        if self.world.main:
+            print(f"encoder data: {self.data.close()}", file=sys.stderr)

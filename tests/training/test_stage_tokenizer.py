@@ -1,0 +1,220 @@
+"""The tokenizer stage: the loss falls on a tiny shapes world, a SIGKILLed run resumes
+bit-identically, the norm-EMA step is right on a hand example, two data-parallel ranks keep
+one codebook, training's in-place decoding equals inference's compacted one, and the
+exported folder loads and tokenizes.
+
+Run as a script it trains a tiny tokenizer over a random tiny EVA:
+    python test_stage_tokenizer.py run WORLD ENCODER OUT STEPS [KILL_AT_BATCH]   (prints a checksum)
+    python test_stage_tokenizer.py dp WORLD ENCODER OUT STEPS   (under mlx.launch; writes each rank's codebook)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_stage_encoder import (IMAGE_SIZE, checksum, data_overrides, log_of, make_world,  # noqa: E402
+                                run_script, run_stage)
+
+import mlx.core as mx  # noqa: E402
+
+import lavit_mlx  # noqa: E402
+from lavit_mlx.config import EVAConfig, LaVITConfig, TokenIds, VQDecoderConfig  # noqa: E402
+from lavit_mlx.errors import LaVITError  # noqa: E402
+from lavit_mlx.training import load_run_config  # noqa: E402
+from lavit_mlx.training.stages.tokenizer import (kept_positions, norm_ema_update, perplexity,  # noqa: E402
+                                                 spherical_kmeans)
+
+SCRIPT = Path(__file__)
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+
+
+def make_encoder(folder: Path, seed: int = 0) -> Path:
+    """A random tiny EVA in an MLX folder (what the encoder stage exports)."""
+    from lavit_mlx.export import save_components
+    from lavit_mlx.models.eva_vit import EVAVisionTransformer
+    from lavit_mlx.training.stages.encoder import init_vision_transformer
+
+    mx.random.seed(seed)
+    config = EVAConfig(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=28, image_size=IMAGE_SIZE,
+                       head_dim_out=16)
+    eva = EVAVisionTransformer(config)
+    init_vision_transformer(eva)
+    return save_components(folder, LaVITConfig(vision=config, token_ids=TokenIds(num_text=256)), {"eva": eva})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes")
+    make_world(folder)
+    make_encoder(folder / "encoder")
+    return folder
+
+
+def tokenizer_overrides(world: Path, encoder: Path, out: Path, steps: int, **extra) -> list:
+    settings = {"out": out, "model.init": encoder, "model.merger_depth": 1, "model.num_heads": 2,
+                "model.codebook_size": 64, "model.code_dim": 8, "model.highres_decoder.width": 32,
+                "model.highres_decoder.depth": 1, "model.highres_decoder.num_heads": 2,
+                "model.highres_decoder.context_dims": "[16, 24]", "model.highres_decoder.pooled_dim": 8,
+                "train.steps": steps, "train.batch_size": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 2,
+                "train.log_every": 1, "train.save_every": 5, "train.eval_batches": 2, "loss.init_batches": 2,
+                "loss.dead_after": 3, **extra}
+    return [f"{k}={v}" for k, v in settings.items()] + data_overrides(world)
+
+
+def test_norm_ema_update_by_hand():
+    codebook = mx.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    # code 0 was chosen by (0.6, 0.8) and (0, 1): their sum (0.6, 1.8); code 1 by (1, 0); code 2 by nothing
+    counts = mx.array([2.0, 1.0, 0.0])
+    sums = mx.array([[0.6, 1.8], [1.0, 0.0], [0.0, 0.0]])
+    updated = np.array(norm_ema_update(codebook, counts, sums, decay=0.5))
+    centroid = np.array([0.6, 1.8]) / np.hypot(0.6, 1.8)  # the normalised mean
+    moved = 0.5 * np.array([1.0, 0.0]) + 0.5 * centroid
+    assert np.allclose(updated[0], moved / np.linalg.norm(moved), atol=1e-6)
+    assert np.allclose(updated[1], [np.sqrt(0.5), np.sqrt(0.5)], atol=1e-6)  # halfway between (0, 1) and (1, 0)
+    assert np.array_equal(updated[2], np.array(codebook)[2])  # unused: unchanged
+    assert float(perplexity(counts)) == pytest.approx(np.exp(-(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3))))
+
+
+def test_spherical_kmeans_finds_the_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, dtype=np.float32)
+    points = centres[rng.integers(0, 4, 400)] + 0.05 * rng.standard_normal((400, 4)).astype(np.float32)
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    found = np.array(spherical_kmeans(mx.array(points), 4, 10, mx.random.key(1)))
+    assert np.allclose(np.sort(np.abs(found @ centres.T).max(axis=0)), 1.0, atol=0.01)
+
+
+def test_in_place_decoding_equals_the_compacted_sequence():
+    from lavit_mlx.models.vq_decoder import VQDecoder
+    from lavit_mlx.training.stages.tokenizer import init_decoder
+
+    mx.random.seed(3)
+    decoder = VQDecoder(VQDecoderConfig(highres=True, width=32, depth=2, num_heads=2, mlp_dim=64, code_dim=8,
+                                        num_patches=16, feature_dim=32, context_dims=(16, 24), pooled_dim=8))
+    init_decoder(decoder)
+    codes = mx.random.normal((2, 16, 8))
+    kept = mx.array((np.random.default_rng(0).random((2, 16)) < 0.4).astype(np.float32))
+    in_place = decoder.decode_features(codes, kept, kept_positions(kept))
+    keep = np.array(kept) > 0
+    rows = [codes[i][mx.array(np.flatnonzero(keep[i]))] for i in range(2)]
+    prompt, pooled = decoder(rows)  # inference: compacted, positions 0..T-1, padded to the longest
+    expected_prompt, expected_pooled = decoder.unet_condition(in_place)
+    assert mx.allclose(prompt, expected_prompt, atol=1e-5) and mx.allclose(pooled, expected_pooled, atol=1e-5)
+    # training's straight-through key weights give the same forward (the merger's rule: eps 1e-6)
+    soft = decoder.decode_features(codes, kept, kept_positions(kept), policy=kept)
+    assert mx.allclose(soft, in_place, atol=1e-4)
+
+
+def test_loss_falls_and_the_export_tokenizes(world, tmp_path):
+    out = tmp_path / "tokenizer"
+    stage, last = run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", out, 40))
+    log = [r for r in log_of(out) if "split" not in r]
+    assert sum(r["highres_reconstruction"] for r in log[-3:]) < 0.5 * sum(r["highres_reconstruction"] for r in log[:3])
+    assert {"keep_ratio_loss", "commitment", "keep_fraction", "tokens_per_image", "perplexity", "dead_codes",
+            "eval_keep_fraction", "eval_codes_used", "eval_highres_reconstruction"} <= set(last)
+    assert abs(last["keep_fraction"] - 1 / 3) < 0.15
+    model = lavit_mlx.load(out / "model")
+    assert model.config.vision.width == 32 and model.config.tokenizer.codebook_size == 64
+    assert model.config.token_ids.codebook_size == 64 and model.config.highres_decoder.context_dims == (16, 24)
+    images = sorted((world / "eval" / "images").glob("*.png"))[:3]
+    tokens = model.tokenize(images)
+    assert all(0 < t.num_tokens <= 16 and t.codes.max() < 64 for t in tokens)
+    # the exported tokenizer is the trained one: the same codes from the stage's own modules
+    features = stage.model.eva(mx.array(np.stack([_pixels(p) for p in images])))[:, 1:]
+    stage.model.tokenizer.eval()
+    ours = stage.model.tokenizer.tokenize(features)
+    assert all(np.array_equal(a.codes, b) for a, b in zip(tokens, ours.codes))
+    prompt, pooled = model.decode_codes([t.codes for t in tokens])
+    assert prompt.shape == (3, 16, 40) and pooled.shape == (3, 8)
+
+
+def _pixels(path):
+    from lavit_mlx.image_processing import load_image, preprocess
+
+    return preprocess([load_image(path)], IMAGE_SIZE)[0]
+
+
+def test_gradient_codebook_mode_trains(world, tmp_path):
+    out = tmp_path / "gradient"
+    _, last = run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", out, 6,
+                                                         **{"loss.codebook": "gradient"}))
+    assert "codebook" in last and np.isfinite(last["loss"])
+
+
+def test_sigkill_then_resume_is_bit_identical(world, tmp_path):
+    encoder = world / "encoder"
+    straight = run_script(SCRIPT, "run", world, encoder, tmp_path / "a", 12)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run_script(SCRIPT, "run", world, encoder, tmp_path / "b", 12, 8)
+    assert killed.returncode == -9
+    resumed = run_script(SCRIPT, "run", world, encoder, tmp_path / "b", 12)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.splitlines()[-1]) == json.loads(straight.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not LAUNCH.exists() and shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+def test_two_ranks_keep_one_codebook(world, tmp_path):
+    launch = str(LAUNCH) if LAUNCH.exists() else shutil.which("mlx.launch")
+    out = tmp_path / "dp"
+    proc = subprocess.run([launch, "-n", "2", "--backend", "ring", "--", sys.executable, str(SCRIPT), "dp", str(world),
+                           str(world / "encoder"), str(out), "8"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (np.load(out / f"rank-{r}.npz") for r in (0, 1))
+    assert not np.array_equal(first["batches"], second["batches"])  # the ranks tokenized different images
+    assert not np.array_equal(first["codebook"], first["initial"])  # the codebook moved
+    assert np.array_equal(first["codebook"], second["codebook"])
+    assert np.array_equal(first["idle"], second["idle"])
+
+
+def test_bad_configs_are_one_line_errors(world):
+    encoder = world / "encoder"
+    for override, message in (("loss.codebook=kmeans", "loss.codebook"), ("model.decoders=[big]", "model.decoders"),
+                              ("loss.keep_ratio=0", "keep_ratio"),
+                              ("model.highres_decoder.context_dims=[16]", "context_dims")):
+        with pytest.raises(LaVITError, match=message):
+            load_run_config("tokenizer", None, [f"model.init={encoder}", override])
+    with pytest.raises(LaVITError, match="model.init"):
+        load_run_config("tokenizer", None, [])
+
+
+def _data_parallel(world: Path, encoder: Path, out: Path, steps: int) -> None:
+    from lavit_mlx.training.loop import World, train
+    from lavit_mlx.training.stages import build_stage
+
+    config = load_run_config("tokenizer", None, tokenizer_overrides(world, encoder, out, steps))
+    group = World.init()
+    stage = build_stage(config, group)
+    seen = []
+    batches = stage.batches
+
+    def recording():
+        for batch in batches():
+            if not seen:
+                seen.append(np.array(stage.model.tokenizer.quantize.embedding.weight))  # after k-means
+            seen.append(np.array(batch["pixels"]).mean(axis=(1, 2, 3)))
+            yield batch
+
+    stage.batches = recording
+    train(stage, config)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / f"rank-{group.rank}.npz", codebook=np.array(stage.model.tokenizer.quantize.embedding.weight),
+             initial=seen[0], batches=np.stack(seen[1:]), idle=np.array(stage.state["idle"]))
+
+
+if __name__ == "__main__":
+    mode, world_dir, encoder_dir, out_dir, steps = sys.argv[1], *map(Path, sys.argv[2:5]), int(sys.argv[5])
+    if mode == "dp":
+        _data_parallel(world_dir, encoder_dir, out_dir, steps)
+    else:
+        kill = int(sys.argv[6]) if len(sys.argv) > 6 else None
+        trained, _ = run_stage("tokenizer", tokenizer_overrides(world_dir, encoder_dir, out_dir, steps), kill)
+        print(json.dumps(checksum(trained)))
