@@ -25,3 +25,6 @@ def build_stage(config, world):
     if config.stage not in _BUILDERS:
         raise LaVITError(f"the {config.stage!r} stage is not available in this installation")
     return _BUILDERS[config.stage](config, world)
+
+
+from . import llm  # noqa: E402,F401  (stage 2, the unified LLM)
