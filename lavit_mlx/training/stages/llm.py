@@ -383,13 +383,16 @@ def build_language_model(section: LLMModelSection, lavit, tokenizer_folder: Path
             _normal_init(llama, section.init_std)
         lm = LanguageModel(llama, token_ids, "model.llm")
     elif lavit.checkpoint.has("llm"):
-        lm = lavit.llm
+        lm = lavit.llm  # quantized at load when model.quantize is set
         token_ids, config = lavit.token_ids, lavit.config.llm
+        quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in lm.model.named_modules())
+        if quantized and not section.lora.enabled:
+            raise LaVITError(f"{lavit.checkpoint.path}: the LLM is quantized; train adapters on it (model.lora.rank)")
     else:
         raise LaVITError(f"{lavit.checkpoint.path} has no LLM: give model.llm (sizes) or model.language_model")
     if token_ids.codebook_size != codebook:
         raise LaVITError(f"the LLM has {token_ids.codebook_size} visual ids, the tokenizer {codebook} codes")
-    if section.quantize:
+    if section.quantize and (section.language_model or section.llm):
         from ...models.llm import quantize_model
 
         quantize_model(lm.model, section.quantize, section.group_size)
@@ -443,7 +446,9 @@ class LLMStage(Stage):
         data = config.data
         if not data.train:
             raise LaVITError("data.train: give the JSONL manifest(s) or tar shards of image-text pairs")
-        self.lavit = lavit_mlx.load(section.init, vision_heads=section.vision_heads)
+        continuing = not (section.language_model or section.llm)  # the init folder's own LLM
+        self.lavit = lavit_mlx.load(section.init, vision_heads=section.vision_heads,
+                                    quantize=section.quantize if continuing else None, group_size=section.group_size)
         for needed in ("eva", "tokenizer"):
             if not self.lavit.checkpoint.has(needed):
                 raise LaVITError(f"model.init: {section.init} has no {needed} (train stage 1 first)")
@@ -644,14 +649,16 @@ class LLMStage(Stage):
         self._log(f"wrote {folder}")
 
 
-def copy_model_folder(source: Path, folder: Path) -> None:
-    """The init folder's files into `folder`, except the LLM and understanding being replaced."""
+def copy_model_folder(source: Path, folder: Path, replaced=("llm", "understanding")) -> None:
+    """The MLX folder `source`'s files into `folder`, except those of the `replaced` components
+    (written next) and the manifest (rewritten)."""
     from ...checkpoint import Checkpoint
+    from ...layout import MLX_FORMAT, RELEASE_FOLDERS
 
     if Checkpoint.open(source).kind != "mlx":
         raise LaVITError(f"model.init: {source} is in the released layout; convert it first (lavit convert) "
                          "to export a model folder")
-    skip = {"language_model", "understanding.safetensors", "manifest.json"}
+    skip = {MLX_FORMAT["manifest"]} | {RELEASE_FOLDERS.get(name) or MLX_FORMAT["files"][name] for name in replaced}
     folder.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.name in skip or path.resolve() == folder.resolve():
