@@ -48,7 +48,7 @@ from . import stage_builder
 
 TARGETS = ("both", "text", "image")
 SAMPLE_KINDS = ("caption", "vqa")
-UNDERSTANDING_MODES = ("train", "frozen")
+UNDERSTANDING_MODES = ("train", "projection", "frozen")
 EXPORTS = ("model", "adapter", "both")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SHAPES_TOKENIZER = "shapes"  # text_tokenizer: train the shapes world's 256-piece tokenizer
@@ -64,7 +64,7 @@ class LLMModelSection:
     language_model: Optional[str] = None  # a text-only LLaMA folder (HF or mlx-lm layout) to grow
     llm: dict = field(default_factory=dict)  # sizes of an LLM from scratch (config.json keys; vocab is derived)
     text_tokenizer: Optional[str] = None  # folder with tokenizer.model; default the LLM's; "shapes": the world's
-    understanding: str = "train"  # train (merger + vit_proj with the LLM) | frozen
+    understanding: str = "train"  # train (merger + vit_proj with the LLM) | projection (vit_proj only) | frozen
     quantize: Optional[int] = None  # 4 | 8: the LLM quantized at load (QLoRA; needs lora.rank)
     group_size: int = 64
     lora: LoRASection = field(default_factory=LoRASection)
@@ -94,9 +94,26 @@ class LLMModelSection:
             raise LaVITError(f"model.export {self.export}: an adapter needs model.lora.rank of at least 1")
         if self.export_dtype not in (None, *DTYPES):
             raise LaVITError(f"model.export_dtype {self.export_dtype!r}: choose from {', '.join(DTYPES)}")
+        self.llm = _llm_sizes(self.llm)
         if self.max_length < 8 or self.bucket < 1 or self.cache_batch < 1:
             raise LaVITError("model.max_length must be at least 8, model.bucket and model.cache_batch at least 1")
         self.lora.check()
+
+
+def _llm_sizes(values: dict) -> dict:
+    """`model.llm` checked against the LLaMA config's keys, numbers read as numbers (YAML
+    reads 1e-5 as text)."""
+    import dataclasses
+
+    from ..config import _coerce, _nearest
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LLMConfig) if f.name != "extra"}
+    out = {}
+    for key, value in (values or {}).items():
+        if key not in defaults:
+            raise LaVITError(f"unknown key model.llm.{key}{_nearest(key, list(defaults))}")
+        out[key] = _coerce(value, defaults[key], f"model.llm.{key}")
+    return out
 
 
 @dataclass
@@ -105,6 +122,7 @@ class LLMLossSection:
 
     samples: list = field(default_factory=lambda: list(SAMPLE_KINDS))  # manifest lines used: caption, vqa
     generation_fraction: float = 0.5  # caption pairs put in [text, image] order (the rest [image, text])
+    vqa_fraction: float = 1.0  # VQA lines used per epoch (drawn anew each epoch): the caption:VQA mix
     understanding_targets: str = "both"  # both | text | image: the targets of [image, text] sequences
     generation_targets: str = "both"  # the targets of [text, image] sequences
     mask_prompt: bool = True  # the VQA prompt "Question: {} Answer:" is input only
@@ -121,7 +139,7 @@ class LLMLossSection:
         for name in ("understanding_targets", "generation_targets"):
             if getattr(self, name) not in TARGETS:
                 raise LaVITError(f"loss.{name} {getattr(self, name)!r}: choose from {', '.join(TARGETS)}")
-        for name in ("generation_fraction", "drop_text"):
+        for name in ("generation_fraction", "vqa_fraction", "drop_text"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise LaVITError(f"loss.{name} {getattr(self, name)}: expected 0..1")
         if self.text_weight < 0 or self.image_weight < 0 or self.text_weight + self.image_weight == 0:
@@ -138,8 +156,9 @@ register_stage("llm", LLMModelSection, LLMLossSection,
 class VisualCache:
     """Per distinct image of the data: the kept patches, their codes and the LLM's inputs.
 
-    `inputs[i]` is the image's EVA patch features (N, W) when the understanding merger
-    trains (the step runs it), else its visual embeddings of the kept patches (T, hidden).
+    `inputs[i]` is what the step starts from: the image's EVA patch features (N, W) when the
+    merger trains, the merger's output at the kept patches (T, W) when only `vit_proj` does,
+    else the visual embeddings of the kept patches (T, hidden).
     `where[(file, line)]` is the image of a data line (`line_identity`).
     """
 
@@ -169,7 +188,7 @@ def image_key(image) -> str:
     return hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).hexdigest()
 
 
-def tokenize_once(lavit, understanding: nn.Module, sources: List, lines_per_shard: int, features: bool,
+def tokenize_once(lavit, understanding: nn.Module, sources: List, lines_per_shard: int, mode: str,
                   batch_size: int, log=None) -> VisualCache:
     """Run the frozen encoder, selector and tokenizer over every distinct image of `sources`.
 
@@ -190,13 +209,17 @@ def tokenize_once(lavit, understanding: nn.Module, sources: List, lines_per_shar
         patches = lavit.encode(pixels)[:, 1:]
         keep = understanding.select(understanding.token_predictor(patches))
         codes = lavit.tokenizer(patches, keep=keep).codes
-        visual = None if features else understanding(patches, keep=keep).visual_embeds
-        mx.eval(keep, codes, patches, visual)
+        if mode == "train":
+            visual = patches
+        else:
+            out = understanding(patches, keep=keep)
+            visual = out.merged if mode == "projection" else out.visual_embeds
+        mx.eval(keep, codes, visual)
         keep_np, codes_np = np.array(keep) > 0.5, np.array(codes)
         for row in range(len(pending)):
             cache.keep.append(keep_np[row])
             cache.codes.append(codes_np[row][keep_np[row]].astype(np.int32))
-            cache.inputs.append(np.array(patches[row]) if features else np.array(visual[row])[keep_np[row]])
+            cache.inputs.append(np.array(visual[row]) if mode == "train" else np.array(visual[row])[keep_np[row]])
         pending.clear()
 
     start = time.perf_counter()
@@ -467,13 +490,14 @@ class LLMStage(Stage):
             apply_lora(lm.model, section.lora, self.token_ids)
         else:
             lm.unfreeze()
-        self.train_understanding = section.understanding == "train"
-        if self.train_understanding:
+        self.train_understanding = section.understanding != "frozen"
+        if section.understanding == "train":
             understanding.causal_encoder.unfreeze()
+        if self.train_understanding:
             understanding.vit_proj.unfreeze()
         mx.eval(self.model.parameters())
         sources = [s for part in (data.train, data.eval) if part for s in ([part] if isinstance(part, str) else part)]
-        self.cache = tokenize_once(self.lavit, understanding, sources, data.lines_per_shard, self.train_understanding,
+        self.cache = tokenize_once(self.lavit, understanding, sources, data.lines_per_shard, section.understanding,
                                    section.cache_batch, self._log)
         self.lavit.unload("eva", "tokenizer")
         self.stream = self._stream(data.train, shuffle=True)
@@ -501,10 +525,12 @@ class LLMStage(Stage):
         if kind not in self.loss_config.samples or image is None:
             return None
         loss = self.loss_config
+        rng = np.random.default_rng([self.config.train.seed, epoch, sample.index, zlib.crc32(sample.shard.encode())])
         if kind == "vqa":
+            if loss.vqa_fraction < 1.0 and rng.random() >= loss.vqa_fraction:
+                return None
             return Example(image, self.text.encode(VQA_PROMPT.format(sample.question)),
                            self.text.encode(sample.answer + loss.answer_suffix), generation=False)
-        rng = np.random.default_rng([self.config.train.seed, epoch, sample.index, zlib.crc32(sample.shard.encode())])
         generation = bool(rng.random() < loss.generation_fraction)
         if not generation:
             return Example(image, [], self.text.encode(sample.text + loss.caption_suffix), generation=False)
@@ -523,7 +549,7 @@ class LLMStage(Stage):
             else:
                 # a trained merger runs over all N patches (slot = patch index); frozen
                 # embeddings are the kept rows (slot = rank among them)
-                slots = np.flatnonzero(cache.keep[e.image]).tolist() if self.train_understanding \
+                slots = np.flatnonzero(cache.keep[e.image]).tolist() if self.section.understanding == "train" \
                     else list(range(len(codes)))
                 sequences.append(understanding_sequence(e, codes, slots, ids))
         length = bucket_length(max(len(s.ids) for s in sequences), self.section.bucket,
@@ -544,16 +570,16 @@ class LLMStage(Stage):
                                              & np.ones((1, length), bool), self.loss_config)
         batch = {"ids": tokens, "slots": slots, "visual": visual, "targets": targets,
                  "text_mask": text_mask, "image_mask": image_mask}
-        if self.train_understanding:
+        if self.section.understanding == "train":
             batch["features"] = np.stack([cache.inputs[e.image] for e in examples])
             batch["keep"] = np.stack([cache.keep[e.image] for e in examples]).astype(np.float32)
-        else:
-            patches = self.lavit.config.vision.num_patches
-            embeds = np.zeros((B, patches, self.model.llm.hidden_size), np.float32)
+        else:  # the kept rows, padded to the patch count (a fixed shape)
+            first = cache.inputs[examples[0].image]
+            rows = np.zeros((B, self.lavit.config.vision.num_patches, first.shape[1]), np.float32)
             for row, e in enumerate(examples):
-                rows = cache.inputs[e.image]
-                embeds[row, : len(rows)] = rows
-            batch["embeds"] = embeds
+                kept = cache.inputs[e.image]
+                rows[row, : len(kept)] = kept
+            batch["merged" if self.section.understanding == "projection" else "embeds"] = rows
         return {k: mx.array(v) for k, v in batch.items()}
 
     def batches(self) -> Iterator[Dict[str, mx.array]]:
@@ -571,22 +597,31 @@ class LLMStage(Stage):
         return merge_states(states)
 
     # ----- the loss
-    def loss(self, model: UnifiedModel, batch: Dict[str, mx.array]):
-        """Next-token cross-entropy over the masked targets of a batch.
+    @staticmethod
+    def logits(model: UnifiedModel, batch: Dict[str, mx.array]) -> mx.array:
+        """The LLM's float32 logits (B, L, vocab) for a batch's inputs.
 
-        Batch (B sequences of L positions, N patches): ids, slots, targets (B, L) int32;
-        visual (B, L) bool (the input is a visual embedding); text_mask, image_mask (B, L);
-        features (B, N, W) + keep (B, N) when the merger trains, else embeds (B, N, hidden).
+        Batch (B sequences of L positions, N patches): ids, slots (B, L) int32; visual (B, L)
+        bool (the input is a visual embedding); the image side: features (B, N, W) + keep
+        (B, N) when the merger trains, merged (B, N, W) kept merger outputs when only vit_proj
+        does, else embeds (B, N, hidden).
         """
         lm = model.llm
         words = lm.embed(batch["ids"])  # (B, L, hidden)
         if "features" in batch:
             embeds = model.understanding(batch["features"], keep=batch["keep"]).visual_embeds  # (B, N, hidden)
+        elif "merged" in batch:
+            embeds = model.understanding.vit_proj(batch["merged"])  # (B, N, hidden)
         else:
             embeds = batch["embeds"]
         gathered = mx.take_along_axis(embeds, batch["slots"][..., None], axis=1)  # (B, L, hidden)
         inputs = mx.where(batch["visual"][..., None], gathered.astype(words.dtype), words)
-        logits = lm.model(None, input_embeddings=inputs).astype(mx.float32)  # (B, L, vocab)
+        return lm.model(None, input_embeddings=inputs).astype(mx.float32)
+
+    def loss(self, model: UnifiedModel, batch: Dict[str, mx.array]):
+        """Next-token cross-entropy over the targets (B, L) that the masks text_mask and
+        image_mask (B, L) keep, weighted per modality; inputs as `logits`."""
+        logits = self.logits(model, batch)  # (B, L, vocab)
         targets = batch["targets"]
         ce = nn.losses.cross_entropy(logits, targets)  # (B, L)
         right = (mx.argmax(logits, axis=-1) == targets).astype(mx.float32)
