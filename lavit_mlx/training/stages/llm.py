@@ -37,7 +37,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ...config import LaVITConfig, LLMConfig, TokenIds
-from ...data import DataStream, batches, bucket_length, merge_states
+from ...data import DataStream, batches, bucket_length, format_stats, merge_states
 from ...data.shards import find_files
 from ...errors import LaVITError
 from ...understanding import VQA_PROMPT
@@ -235,8 +235,10 @@ def tokenize_once(lavit, understanding: nn.Module, sources: List, lines_per_shar
                 flush()
         cache.where[line] = seen[key]
     flush()
+    if not cache.where:
+        raise LaVITError(f"no usable image-text pair in {', '.join(map(str, sources))} ({format_stats(stream.stats)})")
     if log:
-        log(f"tokenized {len(cache)} images of {len(cache.where)} data lines once in "
+        log(f"tokenized {len(cache)} images of {format_stats(stream.stats)} once in "
             f"{time.perf_counter() - start:.1f} s ({np.mean([len(c) for c in cache.codes]):.1f} visual tokens "
             "on average)")
     return cache
