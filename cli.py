@@ -52,6 +52,10 @@ QuantizeOption = typer.Option(
 ForceOption = typer.Option(False, "--force", help="Overwrite existing output files.")
 
 
+AdapterOption = typer.Option(None, "--adapter", show_default=False,
+                             help="A LoRA adapter folder (lavit finetune) applied to the LLM as it loads.")
+
+
 def _seed_option(what: str):
     return typer.Option(None, "--seed", min=0, max=2**32 - 1, show_default=False,
                         help=f"Seed for {what}, 0..4294967295. Default: random, printed.")
@@ -117,12 +121,13 @@ def _model_path(model: Optional[Path]) -> Path:
     return path
 
 
-def _open_model(model: Optional[Path], vision_heads: Optional[int], quantize: Optional[str] = None):
+def _open_model(model: Optional[Path], vision_heads: Optional[int], quantize: Optional[str] = None,
+                adapter: Optional[Path] = None):
     from lavit_mlx import load
 
     bits = int(quantize) if quantize else None
-    lavit = load(_model_path(model), vision_heads=vision_heads, quantize=bits)
-    _note(f"model: {lavit.checkpoint.describe()}")
+    lavit = load(_model_path(model), vision_heads=vision_heads, quantize=bits, adapter=adapter)
+    _note(f"model: {lavit.checkpoint.describe()}" + (f", adapter {adapter}" if adapter else ""))
     if bits:
         with _stderr().status(f"loading the LLM ({bits}-bit)"):
             report = lavit.llm.quantization
@@ -286,6 +291,7 @@ def caption(
     model: Optional[Path] = ModelOption,
     vision_heads: Optional[int] = VisionHeadsOption,
     quantize: Optional[Bits] = QuantizeOption,
+    adapter: Optional[Path] = AdapterOption,
     prompt: str = typer.Option("", "--prompt", help="Text after the image (the release captions with none)."),
     beams: int = typer.Option(2, "--beams", min=1, help="Beam search width (1: greedy, or --sample)."),
     max_tokens: int = typer.Option(36, "--max-tokens", min=1, help="Most new tokens."),
@@ -303,7 +309,7 @@ def caption(
     min_tokens = _decoding_checks(beams, sample, min_tokens, max_tokens, default_min=8)
     _check_inputs(images, all_needed=False)
     seed = _announce_seed(seed, sample or sample_tokens)
-    lavit = _open_model(model, vision_heads, quantize)
+    lavit = _open_model(model, vision_heads, quantize, adapter)
     with Reporter({"caption": "captioning"}) as reporter:
         answers = run(lavit, [str(p) for p in images], prompt, num_beams=beams, max_new_tokens=max_tokens,
                       min_new_tokens=min_tokens, do_sample=sample, sample_tokens=sample_tokens, seed=seed,
@@ -327,6 +333,7 @@ def ask(
     model: Optional[Path] = ModelOption,
     vision_heads: Optional[int] = VisionHeadsOption,
     quantize: Optional[Bits] = QuantizeOption,
+    adapter: Optional[Path] = AdapterOption,
     beams: int = typer.Option(5, "--beams", min=1, help="Beam search width."),
     max_tokens: int = typer.Option(10, "--max-tokens", min=1, help="Most new tokens."),
     min_tokens: Optional[int] = typer.Option(None, "--min-tokens", min=0, show_default=False,
@@ -344,7 +351,7 @@ def ask(
     min_tokens = _decoding_checks(beams, False, min_tokens, max_tokens, default_min=2)
     _check_inputs([image])
     seed = _announce_seed(seed, sample_tokens)
-    lavit = _open_model(model, vision_heads, quantize)
+    lavit = _open_model(model, vision_heads, quantize, adapter)
     with _stderr().status("answering"):
         answers = run(lavit, [str(image)], question, num_beams=beams, max_new_tokens=max_tokens,
                       min_new_tokens=min_tokens, sample_tokens=sample_tokens, seed=seed, skip_bad=True)
@@ -417,6 +424,7 @@ def generate(
     model: Optional[Path] = ModelOption,
     vision_heads: Optional[int] = VisionHeadsOption,
     quantize: Optional[Bits] = QuantizeOption,
+    adapter: Optional[Path] = AdapterOption,
     out: Path = typer.Option(Path("lavit.png"), "--out", "-o", help="Output PNG (-n > 1: NAME-1.png, NAME-2.png, ...)."),
     n: int = typer.Option(1, "-n", min=1, max=64, help="Number of images (image i uses seed + i)."),
     seed: Optional[int] = _seed_option("the LLM's sampling and the initial noise (image i uses seed + i)"),
@@ -444,7 +452,7 @@ def generate(
     prompt_pieces(settings.prompt, settings.images)
     _check_inputs(image)
     paths = _outputs(out, n, force)
-    lavit = _open_model(model, vision_heads, quantize)
+    lavit = _open_model(model, vision_heads, quantize, adapter)
     _run_pipeline(generate_stages(lavit, settings), settings, paths, str(lavit.checkpoint.path))
 
 
@@ -704,6 +712,79 @@ def train_command(
     if last:
         typer.echo(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
                             if k != "time"))
+
+
+# ------------------------------------------------------------------------- fine-tuning
+Task = Literal["caption", "vqa", "generate", "mixed"]
+
+
+@app.command()
+def finetune(
+    data: Path = typer.Option(..., "--data", help="JSONL manifest of {image, text} captions and/or "
+                              "{image, question, answer} pairs (paths relative to the manifest)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The adapter folder (also holds checkpoints and the log; "
+                             "a rerun resumes)."),
+    task: Task = typer.Option("caption", "--task", help="caption, vqa (text targets), generate (image targets) "
+                              "or mixed."),
+    model: Optional[Path] = ModelOption,
+    vision_heads: Optional[int] = VisionHeadsOption,
+    rank: int = typer.Option(8, "--rank", help="LoRA rank."),
+    layers: int = typer.Option(-1, "--layers", help="Adapters in the last N transformer blocks (-1: all)."),
+    scale: float = typer.Option(20.0, "--scale", help="LoRA scale (mlx-lm's: the update is scale * x A B)."),
+    dora: bool = typer.Option(False, "--dora", help="DoRA instead of LoRA."),
+    qlora: bool = typer.Option(False, "--qlora", help="Train on the LLM quantized at load (4-bit unless --quantize)."),
+    quantize: Optional[Bits] = QuantizeOption,
+    visual_rows: Optional[bool] = typer.Option(None, "--visual-rows/--no-visual-rows", show_default=False,
+                                               help="Train the [IMG], [/IMG] and visual-id rows in full. "
+                                                    "Default: with --task generate or mixed."),
+    tune_understanding: bool = typer.Option(False, "--tune-understanding",
+                                            help="Also train the understanding merger and vit_proj."),
+    steps: int = typer.Option(200, "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
+    grad_accumulation: int = typer.Option(1, "--grad-accumulation", help="Micro-batches per step."),
+    learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Peak learning rate (AdamW, cosine)."),
+    max_length: int = typer.Option(512, "--max-length", help="Longest sequence (longer ones are cut)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", show_default=False,
+                                             help="A manifest for the eval loss at the end."),
+    save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the adapters' init and the data order, 0..4294967295."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore the checkpoints in --out (default: resume)."),
+    estimate: bool = typer.Option(False, "--estimate-memory",
+                                  help="Print the memory this run needs (from the config alone) and exit."),
+):
+    """Fine-tune the LLM with LoRA/DoRA/QLoRA on image-text data; writes mlx-lm adapter files."""
+    from lavit_mlx.training.finetune import FinetuneOptions, estimate_memory
+    from lavit_mlx.training.finetune import finetune as run
+
+    options = FinetuneOptions(model=str(_model_path(model)), data=str(data), out=str(out), task=task, rank=rank,
+                              layers=layers, scale=scale, dora=dora, qlora=qlora,
+                              quantize=int(quantize) if quantize else None, visual_rows=visual_rows,
+                              tune_understanding=tune_understanding, steps=steps, batch_size=batch_size,
+                              grad_accumulation=grad_accumulation, learning_rate=learning_rate, seed=seed,
+                              eval_data=str(eval_data) if eval_data else None, save_every=save_every,
+                              max_length=max_length, vision_heads=vision_heads)
+    options.check()
+    if estimate:
+        typer.echo(estimate_memory(options))
+        return
+    last = run(options, resume=not fresh)
+    typer.echo(f"wrote the adapter to {out} (" + " ".join(
+        f"{k} {v:.4g}" for k, v in last.items() if k in ("step", "loss", "eval_loss") and v is not None) + ")")
+
+
+@app.command()
+def fuse(
+    adapter: Path = typer.Option(..., "--adapter", help="The adapter folder of lavit finetune."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new MLX model folder."),
+    model: Optional[Path] = ModelOption,
+    force: bool = ForceOption,
+):
+    """Fold an adapter into a copy of the model: a new MLX folder that needs no --adapter."""
+    from lavit_mlx.training.finetune import fuse as run
+
+    start = time.perf_counter()
+    written = run(_model_path(model), adapter, out, force=force)
+    typer.echo(f"wrote {written} in {time.perf_counter() - start:.1f} s")
 
 
 # ------------------------------------------------------------------------- convert

@@ -56,13 +56,14 @@ class LaVIT(nn.Module):
     """
 
     def __init__(self, config: LaVITConfig, checkpoint: Checkpoint, quantize: Optional[int] = None,
-                 group_size: int = 64, vision_heads: Optional[int] = None):
+                 group_size: int = 64, vision_heads: Optional[int] = None, adapter=None):
         super().__init__()
         self.config = config
         self.checkpoint = checkpoint
         self.quantize = quantize  # LLM bits applied at load time (4 or 8), None for none
         self.group_size = group_size
         self.vision_heads = vision_heads  # as given by the user (None: stored or the release's rule)
+        self.adapter = adapter  # a LoRA adapter folder applied to the LLM (and understanding) as they load
         self._lock = threading.RLock()
         self._text_tokenizer = None
 
@@ -80,9 +81,19 @@ class LaVIT(nn.Module):
 
     def _build(self, name: str):
         if name in VISION:
-            return load_vision(self.checkpoint, name, self.config)
+            module = load_vision(self.checkpoint, name, self.config)
+            if name == "understanding" and self.adapter is not None:
+                from .training.lora import load_understanding_adapter
+
+                load_understanding_adapter(module, self.adapter)
+            return module
         if name == "llm":
-            return load_llm(self.checkpoint, self.config, self.quantize, self.group_size)
+            lm = load_llm(self.checkpoint, self.config, self.quantize, self.group_size)
+            if self.adapter is not None:
+                from .training.lora import load_llm_adapter
+
+                load_llm_adapter(lm, self.adapter)
+            return lm
         if name in PIXEL:
             return load_pixel_decoder(self.checkpoint, name, self.config)
         raise LaVITError(f"unknown component {name!r}")
@@ -287,8 +298,9 @@ class LaVIT(nn.Module):
 
 
 def load(path, components: Optional[Sequence[str]] = None, vision_heads: Optional[int] = None,
-         quantize: Optional[int] = None, group_size: int = 64) -> LaVIT:
+         quantize: Optional[int] = None, group_size: int = 64, adapter=None) -> LaVIT:
     """Open a LaVIT checkpoint folder (see `loading.load`)."""
     from .loading import load as _load
 
-    return _load(path, components=components, vision_heads=vision_heads, quantize=quantize, group_size=group_size)
+    return _load(path, components=components, vision_heads=vision_heads, quantize=quantize, group_size=group_size,
+                 adapter=adapter)

@@ -169,7 +169,7 @@ def load_codebook(checkpoint: Checkpoint) -> mx.array:
 
 # ----------------------------------------------------------------------------- the model
 def load(path, components: Optional[Sequence[str]] = None, vision_heads: Optional[int] = None,
-         quantize: Optional[int] = None, group_size: int = 64):
+         quantize: Optional[int] = None, group_size: int = 64, adapter=None):
     """Open a LaVIT checkpoint folder.
 
     Args:
@@ -181,6 +181,8 @@ def load(path, components: Optional[Sequence[str]] = None, vision_heads: Optiona
             released layout (16 in the release; tensor shapes cannot reveal it).
         quantize: quantize the LLM to 4 or 8 bits when it loads (group size
             `group_size`; embeddings and lm_head too).
+        adapter: a LoRA/DoRA adapter folder (`lavit finetune`, mlx-lm's adapter files) applied
+            to the LLM, and to the understanding path if it holds one, as they load.
 
     Returns:
         A `LaVIT` (an `nn.Module` whose children are the built components).
@@ -202,7 +204,12 @@ def load(path, components: Optional[Sequence[str]] = None, vision_heads: Optiona
                 f"{checkpoint.path} was converted with vision heads {sorted(stored)[0]}; "
                 f"--vision-heads {vision_heads} contradicts it")
     config = checkpoint.config(vision_heads)
-    model = LaVIT(config, checkpoint, quantize=quantize, group_size=group_size, vision_heads=vision_heads)
+    if adapter is not None:
+        from .training.lora import read_adapter_config
+
+        read_adapter_config(adapter, config.token_ids)  # a wrong folder fails before anything loads
+    model = LaVIT(config, checkpoint, quantize=quantize, group_size=group_size, vision_heads=vision_heads,
+                  adapter=adapter)
     for name in components or ():
         model.component(name)
     return model
