@@ -25,3 +25,7 @@ def build_stage(config, world):
     if config.stage not in _BUILDERS:
         raise LaVITError(f"the {config.stage!r} stage is not available in this installation")
     return _BUILDERS[config.stage](config, world)
+
+
+from . import vae  # noqa: E402,F401  (registers `lavit train vae`)
+from . import pixel  # noqa: E402,F401  (registers `lavit train pixel`)
