@@ -103,16 +103,17 @@ class VAELoss:
     l2_weight: float = 1.0
     edge_weight: float = 0.5
     kl_weight: float = 1e-4
-    crop_size: int = 96  # training crops (0: whole pictures); a multiple of the VAE's scale factor
+    crop_size: int = 64  # training crops (0: whole pictures); a multiple of the VAE's scale factor
+    crop_on_object: float = 0.8  # the share of crops centred on a non-background pixel (most are white)
     eval_images: int = 64  # held-out pictures decoded for PSNR and the checker
 
     def check(self) -> None:
-        if self.crop_size < 0 or self.eval_images < 1:
-            raise LaVITError("loss.crop_size must be >= 0 and loss.eval_images >= 1")
+        if self.crop_size < 0 or self.eval_images < 1 or not 0 <= self.crop_on_object <= 1:
+            raise LaVITError("loss.crop_size must be >= 0, loss.eval_images >= 1, loss.crop_on_object in [0, 1]")
 
 
 register_stage("vae", VAEModel, VAELoss,
-               {"steps": 600, "batch_size": 8, "learning_rate": 1e-3, "min_learning_rate": 5e-5,
+               {"steps": 600, "batch_size": 16, "learning_rate": 2e-3, "min_learning_rate": 5e-5,
                 "warmup_steps": 20, "weight_decay": 0.0, "save_every": 100, "log_every": 10})
 
 
@@ -241,13 +242,26 @@ def checker_keeps(original: np.ndarray, reconstruction: np.ndarray, text: Option
     return {"correct": want == got, "colour_and_cell": cells(want) == cells(got)}
 
 
+def crop_corner(picture: np.ndarray, crop: int, rng: np.random.Generator, on_object: float) -> tuple:
+    """(top, left) of a crop: with probability `on_object` centred on a random pixel that differs
+    from the picture's corner colour (the background), else anywhere."""
+    size_y, size_x = picture.shape[:2]
+    if rng.random() < on_object:
+        ys, xs = np.nonzero(np.abs(picture.astype(np.int16) - picture[0, 0].astype(np.int16)).sum(-1) > 30)
+        if len(ys):
+            pick = int(rng.integers(len(ys)))
+            return (int(np.clip(ys[pick] - crop // 2, 0, size_y - crop)),
+                    int(np.clip(xs[pick] - crop // 2, 0, size_x - crop)))
+    return int(rng.integers(0, size_y - crop + 1)), int(rng.integers(0, size_x - crop + 1))
+
+
 class PictureData:
     """Batches of random crops from one `DataStream`; the crops of batch i are drawn from
     (seed, i), and i is part of the cursor, so a resumed run sees the same crops."""
 
-    def __init__(self, config: RunConfig, world: World, crop: int):
+    def __init__(self, config: RunConfig, world: World, crop: int, on_object: float):
         data = config.data
-        self.size, self.crop = data.image_size, crop or data.image_size
+        self.size, self.crop, self.on_object = data.image_size, crop or data.image_size, on_object
         self.batch_size, self.seed = config.train.batch_size, config.train.seed
         self.batch_index = 0
         self.stream = DataStream(data.train, rank=world.rank, world_size=world.size, seed=config.train.seed,
@@ -258,7 +272,7 @@ class PictureData:
         for group in batches(self.stream, self.batch_size, drop_last=True):
             rng = np.random.default_rng([self.seed, self.batch_index])
             self.batch_index += 1
-            corners = rng.integers(0, self.size - self.crop + 1, size=(len(group), 2))
+            corners = [crop_corner(p, self.crop, rng, self.on_object) for p in group]
             crops = np.stack([p[y:y + self.crop, x:x + self.crop] for p, (y, x) in zip(group, corners)])
             yield {"images": mx.array(to_signed(crops))}
 
@@ -369,7 +383,7 @@ class VAEStage(Stage):
                                  f"at most data.image_size")
         if config.data.train is None:
             raise LaVITError("data.train: give the pictures' manifest (lavit_mlx.shapes.write_manifest writes one)")
-        self.data = PictureData(config, world, loss.crop_size)
+        self.data = PictureData(config, world, loss.crop_size, loss.crop_on_object)
         self._held_out = None
         self._latent_std = None
 
