@@ -285,6 +285,9 @@ class PixelConfig(_Config):
     unet: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
+    # The model's own inference defaults, any of {"height", "width", "steps", "guidance"}
+    # (written by the pixel stage; empty for the release, whose defaults are the pipeline's).
+    defaults: dict = field(default_factory=dict)
 
 
 @dataclass

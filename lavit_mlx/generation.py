@@ -28,7 +28,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import LaVITError
 from .image_tokens import ImageTokenDecoding, stream_image_tokens, visual_codes
-from .pixel_decoder import ASPECT_RATIOS, HIGHRES_DEFAULTS, LOWRES_DEFAULTS
+from .pixel_decoder import ASPECT_RATIOS, HIGHRES_DEFAULTS, LOWRES_DEFAULTS, DecodingDefaults
 from .sampling import check_common
 from .schedulers import SCHEDULERS
 from .seeding import MAX_SEED, key, resolve_seed
@@ -71,9 +71,13 @@ class GenerationSettings:
     max_new_tokens: int = 200
     min_new_tokens: int = 20
     low_memory: bool = False
+    # Which of "size", "steps", "guidance" were filled from a decoder's defaults (not given),
+    # so that resolving again with the model's own defaults replaces them.
+    defaulted: List[str] = field(default_factory=list)
 
-    def resolved(self) -> "GenerationSettings":
-        """A checked copy with every default filled in as the release would (idempotent).
+    def resolved(self, defaults: Optional[DecodingDefaults] = None) -> "GenerationSettings":
+        """A checked copy with every default filled in (idempotent): from `defaults` (the
+        model's own, `model_defaults`) or else the release's.
 
         Raises a one-line LaVITError naming the option for any value that cannot work, so
         that callers can validate before loading anything.
@@ -83,8 +87,17 @@ class GenerationSettings:
         if self.scheduler not in SCHEDULERS:
             raise LaVITError(f"--scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
         highres = self.decoder == "highres"
-        defaults = HIGHRES_DEFAULTS if highres else LOWRES_DEFAULTS
+        defaults = defaults or (HIGHRES_DEFAULTS if highres else LOWRES_DEFAULTS)
         out = GenerationSettings(**asdict(self))
+        if "size" in out.defaulted:
+            out.height = out.width = None
+        if "steps" in out.defaulted:
+            out.steps = None
+        if "guidance" in out.defaulted:
+            out.guidance = None
+        chosen = {"size": out.height is not None or out.ratio is not None, "steps": out.steps is not None,
+                  "guidance": out.guidance is not None}
+        out.defaulted = [name for name, by_user in chosen.items() if not by_user]
         if self.ratio is not None:
             if self.ratio not in ASPECT_RATIOS:
                 raise LaVITError(f"--ratio {self.ratio!r}: choose one of {', '.join(ASPECT_RATIOS)}")
@@ -98,11 +111,11 @@ class GenerationSettings:
             given = "--width" if self.height is None else "--height"
             missing = "--height" if self.height is None else "--width"
             raise LaVITError(f"{given} needs {missing} too (or use --ratio)")
-        for flag, value in (("--height", out.height), ("--width", out.width)):
-            if value is not None and not (SIZE_STEP <= value <= MAX_SIDE and value % SIZE_STEP == 0):
-                raise LaVITError(f"{flag} {value}: expected a multiple of {SIZE_STEP} from {SIZE_STEP} to {MAX_SIDE}")
         if out.height is None:
             out.height, out.width = defaults.size
+        for flag, value in (("--height", out.height), ("--width", out.width)):
+            if not (SIZE_STEP <= value <= MAX_SIDE and value % SIZE_STEP == 0):
+                raise LaVITError(f"{flag} {value}: expected a multiple of {SIZE_STEP} from {SIZE_STEP} to {MAX_SIDE}")
         if out.steps is None:
             out.steps = defaults.steps
         if not 1 <= out.steps <= MAX_STEPS:
@@ -197,6 +210,7 @@ def generate_stages(model, settings: GenerationSettings,
     """
     start = time.perf_counter()
     s = settings.resolved()
+    s = s.resolved(model_defaults(model, s.decoder))
     highres = s.decoder == "highres"
     decoder = model.pixel_decoder(highres)
     decoder.check_size(s.height, s.width)
@@ -242,6 +256,19 @@ def generate_stages(model, settings: GenerationSettings,
     yield Done(images, s, time.perf_counter() - start)
 
 
+def model_defaults(model, decoder: str = "highres") -> Optional[DecodingDefaults]:
+    """The model's own size, steps and guidance for a pixel decoder (`PixelConfig.defaults`,
+    written by `lavit train pixel`), over the release's for any it does not set; None when
+    the model sets none (the release)."""
+    part = model.config.highres_pixel if decoder == "highres" else model.config.lowres_pixel
+    own = (part.defaults if part is not None else None) or {}
+    if not own:
+        return None
+    base = HIGHRES_DEFAULTS if decoder == "highres" else LOWRES_DEFAULTS
+    return DecodingDefaults(size=(int(own.get("height", base.size[0])), int(own.get("width", base.size[1]))),
+                            steps=int(own.get("steps", base.steps)), guidance=float(own.get("guidance", base.guidance)))
+
+
 def initial_latents(decoder, s: GenerationSettings, count: int) -> mx.array:
     """N(0, 1) * init_noise_sigma latents; image i draws its noise from seed + i."""
     sampler = decoder.scheduler(s.scheduler)
@@ -267,6 +294,7 @@ def reconstruct_stages(model, image, settings: GenerationSettings) -> Iterator[U
     then `Done`."""
     start = time.perf_counter()
     s = settings.resolved()
+    s = s.resolved(model_defaults(model, s.decoder))
     highres = s.decoder == "highres"
     decoder = model.pixel_decoder(highres)
     decoder.check_size(s.height, s.width)

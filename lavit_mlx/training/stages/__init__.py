@@ -29,3 +29,5 @@ def build_stage(config, world):
 from . import encoder  # noqa: E402,F401  (registers the encoder stage)
 from . import tokenizer  # noqa: E402,F401  (registers the tokenizer stage)
 from . import llm  # noqa: E402,F401  (stage 2, the unified LLM)
+from . import vae  # noqa: E402,F401  (registers `lavit train vae`)
+from . import pixel  # noqa: E402,F401  (registers `lavit train pixel`)
