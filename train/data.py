@@ -1,0 +1,183 @@
+"""Training batches for the PyTorch trainers, with a data cursor that reshards.
+
+The samples come from `lavit_mlx.data.DataStream` (JSONL manifests and img2dataset tar
+shards: KEY.jpg/.txt/.json, the parquet beside each tar ignored; unreadable images and
+bad metadata skipped and counted by reason). Each (rank, data-loader worker) pair runs its
+own stream as one *virtual rank* of `world_size x workers`, so shards are split across
+nodes and workers (the stream's `partition`: every w-th shard, or every w-th sample when
+shards are fewer) without PyTorch's data-loader state, which does not reshard.
+
+Workers collate whole batches and send each with their stream's cursor after it; the
+trainer keeps the cursor of the last batch it *consumed* from each virtual rank (batches
+prefetched but not consumed are delivered again after a resume). A checkpoint holds
+`merge_states` of every virtual rank's cursor: resumed with the same ranks and workers,
+each stream continues exactly (the worker rotation is restored too, so the batch sequence
+is the same); with any other number, the samples of the epoch that no virtual rank
+delivered are split anew: none repeated, none skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lavit_mlx.data import DataStream, batches, format_stats, merge_states
+
+from .distributed import World
+
+Collate = Callable[[list], Dict[str, torch.Tensor]]
+
+
+def stack(examples: List[dict]) -> Dict[str, torch.Tensor]:
+    """Examples of equal-shaped numpy fields -> a batch of tensors."""
+    return {key: torch.from_numpy(np.stack([example[key] for example in examples])) for key in examples[0]}
+
+
+def _compact(state: dict) -> dict:
+    """A stream's cursor without the shard index (the same for every stream; added back on merge)."""
+    return {k: v for k, v in state.items() if k != "index"}
+
+
+class _Streams(IterableDataset):
+    """The batches of one virtual rank per data-loader worker (see the module docstring)."""
+
+    def __init__(self, loader: "StreamLoader"):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        loader = self.loader
+        virtual = loader.virtual_rank((worker + loader.rotation) % loader.workers)
+        stream = loader.stream(virtual)
+        transform = loader.transform
+        stream.transform = (lambda sample: transform(sample, stream)) if transform else None
+        for group in batches(stream, loader.batch_size, drop_last=True):
+            yield loader.collate(group), virtual, _compact(stream.state_dict())
+
+
+class StreamLoader:
+    """Endless training batches of this rank (or one pass, for evaluation), resumable.
+
+    Args:
+        sources: `data.train` (manifests, tar shards, brace patterns).
+        world: the ranks.
+        batch_size: examples per batch on this rank.
+        transform: `(sample, stream) -> example` in the worker (None skips the sample; the
+            stream gives its `epoch`, for choices that must be the same after a resume).
+        collate: list of examples -> dict of tensors.
+        workers: data-loader processes per rank (0: in the training process).
+        seed, shuffle_buffer, lines_per_shard: as `DataStream`'s.
+        epochs: None (endless, training) or a number of passes (evaluation).
+        shuffle: False reads in order (evaluation).
+        load_images: False for stages that read no pixels here.
+    """
+
+    def __init__(self, sources, world: World, batch_size: int, transform, collate: Collate = stack,
+                 workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000, lines_per_shard: int = 1000,
+                 epochs: Optional[int] = None, shuffle: bool = True, load_images: bool = True,
+                 drop_last: bool = True):
+        self.sources, self.world, self.batch_size = sources, world, batch_size
+        self.transform, self.collate = transform, collate
+        self.workers_requested = workers
+        self.workers = max(1, workers)
+        self.seed, self.shuffle_buffer, self.lines_per_shard = seed, shuffle_buffer if shuffle else 1, lines_per_shard
+        self.epochs, self.shuffle, self.load_images = epochs, shuffle, load_images
+        self.rotation = 0
+        self.consumed = 0  # batches this rank took from the loader since the run began
+        self.resume_state: Optional[dict] = None  # the merged cursor to start from
+        self.index_state: Optional[dict] = None
+        self.latest: Dict[int, dict] = {}  # virtual rank -> cursor after its last consumed batch
+        self.stats: Dict[str, int] = {}
+
+    # ----- the virtual ranks
+    @property
+    def virtual_world(self) -> int:
+        return self.world.size * self.workers
+
+    def virtual_rank(self, worker: int) -> int:
+        return self.world.rank * self.workers + worker
+
+    def stream(self, virtual: int) -> DataStream:
+        """The stream of one virtual rank, at the cursor the run resumes from (if any)."""
+        stream = DataStream(self.sources, rank=virtual, world_size=self.virtual_world, seed=self.seed,
+                            shuffle_buffer=self.shuffle_buffer, shuffle_shards=self.shuffle,
+                            lines_per_shard=self.lines_per_shard, epochs=self.epochs, load_images=self.load_images,
+                            index=self.index())
+        if self.resume_state is not None:
+            stream.load_state_dict(self.resume_state)
+        return stream
+
+    def index(self) -> dict:
+        """The shard index, counted once by rank 0 and sent to every rank (or the cursor's)."""
+        if self.index_state is None:
+            counted = None
+            if self.world.main:
+                counted = DataStream(self.sources, lines_per_shard=self.lines_per_shard).index_state()
+            self.index_state = self.world.broadcast_object(counted)
+        return self.index_state
+
+    def epoch_length(self) -> int:
+        """Samples in one epoch over all ranks and workers (skipped ones included)."""
+        return sum(self.index()["lengths"])
+
+    # ----- iteration
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        self.index()
+        dataset = _Streams(self)
+        if self.workers_requested == 0:
+            source = iter(dataset)
+        else:
+            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers_requested,
+                                     persistent_workers=False, prefetch_factor=2,
+                                     multiprocessing_context="fork" if torch.multiprocessing.get_start_method(
+                                         allow_none=True) in (None, "fork") else None))
+        for batch, virtual, state in source:
+            self.latest[virtual] = state
+            self.consumed += 1
+            yield batch
+
+    # ----- the cursor
+    def _initial_state(self, virtual: int) -> dict:
+        """The cursor of a virtual rank that has not delivered a batch in this run yet."""
+        merged = self.resume_state
+        if merged is not None and merged["world_size"] == self.virtual_world and merged["seed"] == self.seed:
+            own = dict(merged["ranks"][virtual])
+            own.update({k: merged[k] for k in ("format", "version", "seed", "shuffle_buffer", "shuffle_shards",
+                                               "world_size")})
+            if own["shuffle_buffer"] == self.shuffle_buffer and own["shuffle_shards"] == self.shuffle:
+                return _compact(own)
+        stream = self.stream(virtual)
+        return _compact(stream.state_dict())
+
+    def state_dict(self) -> dict:
+        """The merged cursor of every rank and worker (a collective: every rank calls it)."""
+        mine = {v: self.latest.get(v) or self._initial_state(v)
+                for v in (self.virtual_rank(w) for w in range(self.workers))}
+        gathered = self.world.gather_objects((mine, self.consumed))
+        states = [dict(state, index=self.index()) for part, _ in gathered for state in part.values()]
+        merged = merge_states(states)
+        merged["batches"] = [consumed for _, consumed in gathered]  # per rank, for the worker rotation
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        """Start from a merged cursor (before iterating)."""
+        self.resume_state = {k: v for k, v in state.items() if k != "batches"}
+        self.index_state = state["index"]
+        self.latest = {}
+        same = state["world_size"] == self.virtual_world and len(state.get("batches", [])) == self.world.size
+        self.consumed = state["batches"][self.world.rank] if same else 0
+        self.rotation = self.consumed % self.workers if same else 0
+
+    def summary(self) -> str:
+        """Samples delivered and skipped over all ranks, by reason (a collective)."""
+        states = [self.latest.get(v) or {} for v in (self.virtual_rank(w) for w in range(self.workers))]
+        totals: Dict[str, int] = {}
+        for part in self.world.gather_objects([s.get("stats", {}) for s in states]):
+            for stats in part:
+                for reason, count in stats.items():
+                    totals[reason] = totals.get(reason, 0) + count
+        return format_stats(totals)
