@@ -6,7 +6,7 @@ DDP and FSDP2 see every parameter use inside one forward), its data and its non-
 updates. The loop: AdamW (torch's) with linear warmup then cosine decay to
 `min_learning_rate` (the MLX schedule, step for step), gradient accumulation (`no_sync` /
 `set_requires_gradient_sync` on all but the last micro-step), global-norm clipping, bf16
-autocast on CUDA under DDP (FSDP2 casts by its policy; fp32 on CPU), activation
+autocast on CUDA (plus FSDP2's parameter policy; fp32 on CPU), activation
 checkpointing per block, random draws re-seeded from (seed, step, micro-step) so that a
 resumed run draws the same, a JSONL/TensorBoard log, periodic evaluation, DCP checkpoints
 (`checkpoints.py`) and at the end the stage's export in the released layout (`out/model`).
@@ -216,8 +216,9 @@ def train(stage: Stage, config: RunConfig) -> Dict[str, float]:
     if latest is not None:
         log.message(f"resumed from {latest} (saved on {resumed.world_size} rank(s), now {world.size})")
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if world.cuda and launch.strategy == "ddp" \
-        else nullcontext()
+    # bf16 compute on CUDA (under FSDP2 too: its policy casts the parameters, autocast the
+    # activations that frozen bf16 encoders and fp32 noise draws meet inside the forward)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if world.cuda else nullcontext()
     accumulation = train_cfg.grad_accumulation
     params = [p for p in model.parameters() if p.requires_grad]
     batches = stage.batches()

@@ -222,13 +222,14 @@ class PixelModel:
     init: str = ""  # LaVIT folder: eva + tokenizer + the VQ decoder (stage 1's export)
     decoder: str = "highres"  # which VQ decoder conditions the UNet: highres (SDXL-shaped) | lowres (SD-1.5)
     pixel: str = ""  # a diffusers folder {unet, vae, scheduler} to start from ("": the init folder's own)
-    unet: dict = field(default_factory=dict)  # UNet2DConditionModel config keys for a UNet from scratch
+    unet: dict = field(default_factory=dict)  # UNet2DConditionModel config keys: a new UNet (the VAE and
+    # scheduler still come from `pixel`); the context widths are the VQ decoder's
     train_decoder: str = "heads"  # heads (unet_proj*, attention pool) | all | none: the VQ decoder's part trained
     resolution: int = 256  # the images the VAE encodes (center-cropped squares)
     vision_heads: Optional[int] = None
     ema: bool = False  # keep an EMA of the UNet (diffusers' EMAModel); exported instead of the raw UNet
     ema_decay: float = 0.9999
-    ema_warmup: bool = True  # diffusers' `use_ema_warmup`: decay grows as 1 - (1 + step / 10) ** -2/3
+    ema_warmup: bool = True  # diffusers' `use_ema_warmup`: the decay grows as 1 - (1 + step) ** -2/3
 
     def check(self) -> None:
         if not self.init:
@@ -237,8 +238,6 @@ class PixelModel:
             raise LaVITError(f"model.decoder {self.decoder!r}: choose from {', '.join(PIXEL_DECODERS)}")
         if self.train_decoder not in DECODER_TRAINING:
             raise LaVITError(f"model.train_decoder {self.train_decoder!r}: choose from {', '.join(DECODER_TRAINING)}")
-        if self.pixel and self.unet:
-            raise LaVITError("give model.pixel (a diffusers folder to start from) or model.unet (sizes), not both")
         if self.resolution < 8 or self.resolution % 8:
             raise LaVITError(f"model.resolution {self.resolution}: expected a multiple of 8")
         if not 0.0 < self.ema_decay < 1.0:

@@ -163,6 +163,13 @@ class UnifiedTraining(nn.Module):
         self.train_understanding = section.understanding == "train"
 
     @torch.no_grad()
+    def train(self, mode: bool = True):
+        """Training mode for what trains; the frozen encoders stay in inference mode."""
+        super().train(mode)
+        for frozen in (self.eva, self.tokenizer,):
+            frozen.eval()
+        return self
+
     def tokenize(self, pixels: torch.Tensor):
         """Patch features, the understanding selector's keep mask and the discrete codes (frozen)."""
         dtype = self.eva.patch_embed.proj.weight.dtype

@@ -117,6 +117,13 @@ class TokenizerTraining(nn.Module):
         self.register_buffer("idle", torch.zeros(self.codebook_size, dtype=torch.int64))  # steps since last use
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # optimizer steps taken
 
+    def train(self, mode: bool = True):
+        """Training mode for what trains; the frozen encoders stay in inference mode."""
+        super().train(mode)
+        for frozen in (self.eva,):
+            frozen.eval()
+        return self
+
     def noise_scale(self) -> torch.Tensor:
         """noise_start to noise_end over train.steps (see the MLX stage: ends on inference's rule)."""
         cfg = self.loss_config
