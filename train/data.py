@@ -131,8 +131,10 @@ class StreamLoader:
         if self.workers_requested == 0:
             source = iter(dataset)
         else:
+            # its own generator: the workers' seeds do not move the training's random state
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers_requested,
                                      persistent_workers=False, prefetch_factor=2,
+                                     generator=torch.Generator().manual_seed(self.seed),
                                      multiprocessing_context="fork" if torch.multiprocessing.get_start_method(
                                          allow_none=True) in (None, "fork") else None))
         for batch, virtual, state in source:

@@ -232,9 +232,10 @@ def train(stage: Stage, config: RunConfig) -> Dict[str, float]:
             model.train()
             losses = []
             for micro in range(accumulation):
-                torch.manual_seed(step_seed(train_cfg.seed, current, micro))
                 batch = {k: v.to(world.device, non_blocking=True) if torch.is_tensor(v) else v
                          for k, v in next(batches).items()}
+                # after fetching: starting data-loader workers draws from the global generator
+                torch.manual_seed(step_seed(train_cfg.seed, current, micro))
                 window_samples += stage.samples_in(batch) * world.size
                 with _no_sync(model, micro == accumulation - 1), autocast:
                     loss, metrics = model(batch)

@@ -60,6 +60,11 @@ def release_folder(out: Path, seed: int = 0) -> Path:
         if name == "tokenizer":
             with torch.no_grad():
                 module.quantize.embedding.weight.copy_(l2_normalize(module.quantize.embedding.weight))
+                # about half of the patches kept at the start
+                pixels = torch.randn(8, 3, EVA.image_size, EVA.image_size)
+                logprobs = module.token_predictor(modules["eva"](pixels)[:, 1:])
+                margin = (logprobs[..., 0] - logprobs[..., 1]).flatten()
+                module.token_predictor.out_conv[-1].bias.add_(torch.tensor([-float(margin.median()), 0.0]))
         path = out / RELEASE_FILES[name]
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), path)
