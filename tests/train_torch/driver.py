@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("out")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--strategy", default="ddp", help="ddp, fsdp, or both in turn (ddp,fsdp: OUT/ddp, OUT/fsdp)")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--global-batches", action="store_true")
@@ -68,12 +68,18 @@ def main() -> None:
     parser.add_argument("--vision-heads", type=int)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = load_run_config(None, args.config, [*args.overrides, f"out={args.out}"])
     world = World.init("cpu")
-    launch = Launch(strategy=args.strategy, workers=args.workers, tensorboard=False,
-                    vision_heads=args.vision_heads)
+    strategies = args.strategy.split(",")
+    for strategy in strategies:
+        out = Path(args.out) / strategy if len(strategies) > 1 else Path(args.out)
+        run(args, world, strategy, out)
+    world.close()
+
+
+def run(args, world: World, strategy: str, out: Path) -> None:
+    config = load_run_config(None, args.config, [*args.overrides, f"out={out}"])
+    launch = Launch(strategy=strategy, workers=args.workers, tensorboard=False, vision_heads=args.vision_heads)
     stage = build_stage(config, world, launch)
-    out = Path(args.out)
     if args.record:
         transform = stage.data.transform
 
@@ -109,11 +115,10 @@ def main() -> None:
 
     stage.batches = batches
     train(stage, config)
-    state = full_state(stage.module if world.size == 1 else stage.module)
+    state = full_state(stage.module)
     if world.main:
-        saved = {k: v.clone() for k, v in state.items() if stage.saved_keys(k)}
-        torch.save(saved, out / "final.pt")
-    world.close()
+        torch.save({k: v.clone() for k, v in state.items() if stage.saved_keys(k)}, out / "final.pt")
+    world.barrier()
 
 
 if __name__ == "__main__":
