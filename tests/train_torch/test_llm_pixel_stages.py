@@ -1,0 +1,56 @@
+"""Stages 2 and 3 in PyTorch train (the loss falls) and export the released layout."""
+
+from __future__ import annotations
+
+import json
+
+import builders
+from harness import checked, run_driver, write_config
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_llm_stage_loss_falls(folders, tmp_path):
+    config = write_config(tmp_path / "llm.yaml", {
+        "stage": "llm",
+        "model": {"init": str(folders["mlx"]), "text_tokenizer": str(folders["text"]), "max_length": 64,
+                  "llm": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2}},
+        "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 10},
+        "train": {"steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1, "log_every": 1,
+                  "save_every": 0},
+    })
+    out = tmp_path / "run"
+    checked(run_driver(config, out))
+    values = losses(out)
+    assert sum(values[-3:]) / 3 < 0.8 * sum(values[:3]) / 3, values
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert record["tokens_per_image"] > 0 and "text_loss" in record and "image_loss" in record
+    model = out / "model"
+    assert (model / "language_model" / "model.safetensors").is_file()
+    assert (model / "language_model" / "tokenizer.model").is_file()
+    assert (model / "language_model" / "visual_weight.bin").is_file()
+    vocab = json.loads((model / "language_model" / "config.json").read_text())["vocab_size"]
+    assert vocab == 256 + 2 + builders.CODEBOOK
+
+
+def test_pixel_stage_loss_falls(folders, tmp_path):
+    config = write_config(tmp_path / "pixel.yaml", {
+        "stage": "pixel",
+        "model": {"init": str(folders["mlx"]), "pixel": str(folders["pixel"]), "resolution": 16, "ema": True,
+                  "unet": builders.UNET},
+        "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 10},
+        "train": {"steps": 10, "batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 1, "log_every": 1,
+                  "save_every": 0},
+        "loss": {"min_snr_gamma": 5.0, "condition_dropout": 0.2},
+    })
+    out = tmp_path / "run"
+    checked(run_driver(config, out))
+    values = losses(out)
+    assert sum(values[-3:]) / 3 < 0.8 * sum(values[:3]) / 3, values
+    pixel = out / "model" / "highres_pixel_decoding"
+    assert (pixel / "unet" / "diffusion_pytorch_model.bin").is_file()
+    assert (pixel / "vae" / "config.json").is_file() and (pixel / "scheduler" / "scheduler_config.json").is_file()
+    assert (out / "model" / "visual_tokenizer" / "highres_tokenizer_decoder.bin").is_file()
