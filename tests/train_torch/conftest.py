@@ -39,3 +39,13 @@ def tokenizer_config(folders, tmp_path_factory):
         "loss": {"kmeans_batches": 1, "keep_weight": 1.0},
     }
     return write_config(tmp_path_factory.mktemp("configs") / "tokenizer.yaml", config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(tokenizer_config, tmp_path_factory):
+    """A 16-step stage 1 run (checkpoints at 8 and 16, the export in `model/`)."""
+    from harness import checked, run_driver
+
+    out = tmp_path_factory.mktemp("tokenizer-run") / "run"
+    checked(run_driver(tokenizer_config, out, "--set", "train.steps=16", "--set", "train.save_every=8"))
+    return out

@@ -1,5 +1,6 @@
 """Stage 1 in PyTorch: the loss falls, a SIGKILLed run resumes to the same weights bit for bit
-(data-loader workers included), and the run folder holds what the docs promise."""
+(data-loader workers included), the run folder holds what the docs promise, and the export
+converts to MLX (`lavit_convert.to_mlx`) with the same outputs as the PyTorch modules."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import torch
 
+import builders
 from harness import checked, run_driver
 
 
@@ -14,9 +16,8 @@ def losses(out):
     return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_loss_falls_and_the_run_folder_is_complete(tokenizer_config, tmp_path):
-    out = tmp_path / "run"
-    checked(run_driver(tokenizer_config, out, "--set", "train.steps=16", "--set", "train.save_every=8"))
+def test_loss_falls_and_the_run_folder_is_complete(tokenizer_run):
+    out = tokenizer_run
     values = losses(out)
     assert len(values) == 16
     assert sum(values[-3:]) / 3 < 0.8 * sum(values[:3]) / 3, values
@@ -41,3 +42,33 @@ def test_sigkill_then_resume_gives_the_same_weights(tokenizer_config, tmp_path):
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     assert losses(whole) == losses(killed)
+
+
+def test_export_converts_to_mlx_with_the_same_outputs(tokenizer_run, tmp_path):
+    import mlx.core as mx
+    import numpy as np
+
+    import lavit_mlx
+    from lavit_convert.to_mlx import ConvertOptions, convert_to_mlx
+    from lavit_train import checkpoint as release
+    from support import max_rel
+
+    export = tokenizer_run / "model"
+    convert_to_mlx(export, tmp_path / "mlx", ConvertOptions(vision_heads=builders.HEADS))
+    model = lavit_mlx.load(tmp_path / "mlx")
+    eva, tokenizer = release.load_eva(export, builders.HEADS), release.load_tokenizer(export, builders.HEADS)
+    decoder = release.load_decoder(export, True, builders.HEADS)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        features = eva(torch.from_numpy(pixels))
+        ours = tokenizer(features[:, 1:])
+        # every position's code (a tiny trained selector may keep none of random pixels)
+        prompt, pooled = decoder([tokenizer.quantize.embedding(ours.codes[i]) for i in range(2)])
+    theirs = model.tokenizer_forward(mx.array(pixels))
+    assert max_rel(np.array(model.encode(mx.array(pixels))), features.numpy()) <= 1e-4
+    assert np.array_equal(np.array(theirs.keep), ours.keep.numpy())
+    assert max_rel(np.array(theirs.merged), ours.merged.numpy()) <= 1e-4
+    assert np.array_equal(np.array(theirs.codes), ours.codes.numpy())
+    mlx_prompt, mlx_pooled = model.decode_codes([ours.codes[i].numpy() for i in range(2)])
+    assert max_rel(np.array(mlx_prompt), prompt.numpy()) <= 1e-4
+    assert max_rel(np.array(mlx_pooled), pooled.numpy()) <= 1e-4
