@@ -74,13 +74,15 @@ class TokenizerLoss:
     keep_weight: float = 2.0  # lambda
     gumbel_tau: float = 1.0  # temperature of the straight-through Gumbel-softmax selection
     noise_start: float = 1.0  # scale of the Gumbel noise at step 0 ...
-    noise_end: float = 0.0  # ... and at the last step (linear): 0 ends on inference's deterministic rule
+    noise_end: float = 0.0  # ... falling linearly to this (0: inference's deterministic rule) ...
+    noise_until: float = 0.6  # ... at this fraction of train.steps, then held
     commitment: float = 0.25  # beta
     codebook: str = "ema"  # ema | gradient
     codebook_weight: float = 1.0  # the codebook term (gradient mode)
     ema_decay: float = 0.99
-    kmeans_batches: int = 2  # batches of encoder outputs the k-means initialisation reads (0: random rows)
-    kmeans_iters: int = 10
+    init_batches: int = 2  # batches read once at the start: the feature mean and the k-means data
+    kmeans_iters: int = 10  # 0: the codebook starts from random unit rows
+    center_targets: bool = True  # reconstruct the features minus their mean
     dead_after: int = 100  # steps without a use that make a code dead (logged, and restarted)
     restart_dead: bool = True
 
@@ -91,6 +93,8 @@ class TokenizerLoss:
             raise LaVITError(f"loss.keep_ratio {self.keep_ratio}: expected in (0, 1]")
         if not 0 <= self.ema_decay < 1:
             raise LaVITError(f"loss.ema_decay {self.ema_decay}: expected in [0, 1)")
+        if not 0 < self.noise_until <= 1:
+            raise LaVITError(f"loss.noise_until {self.noise_until}: expected a fraction of the steps in (0, 1]")
         if not 0 <= self.noise_end <= self.noise_start:
             raise LaVITError("loss.noise_start and loss.noise_end: expected 0 <= noise_end <= noise_start")
         if self.gumbel_tau <= 0 or self.dead_after < 1:

@@ -36,7 +36,7 @@ def tokenizer_config(folders, tmp_path_factory):
         "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 5},
         "train": {"steps": 6, "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 1, "log_every": 1,
                   "save_every": 2, "keep_checkpoints": 5},
-        "loss": {"kmeans_batches": 1, "keep_weight": 1.0},
+        "loss": {"init_batches": 1, "keep_weight": 1.0},
     }
     return write_config(tmp_path_factory.mktemp("configs") / "tokenizer.yaml", config)
 

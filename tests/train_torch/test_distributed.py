@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_ddp_and_fsdp2_match_one_process(tokenizer_config, tmp_path):
-    common = ["--global-batches", "--set", "train.steps=4", "--set", "loss.kmeans_batches=0",
+    common = ["--global-batches", "--set", "train.steps=4", "--set", "loss.init_batches=0",
               "--set", "train.save_every=0"]
     checked(run_driver(tokenizer_config, tmp_path / "one", *common, "--set", "train.batch_size=8"))
     checked(run_driver(tokenizer_config, tmp_path / "two", *common, "--set", "train.batch_size=4",

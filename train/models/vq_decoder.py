@@ -35,6 +35,14 @@ def padded_attend(bias: torch.Tensor):
     return attend
 
 
+def policy_attend(visible: torch.Tensor):
+    """Softmax attention weighted by `visible` (B, 1, 1, T) on the keys (training's straight-through
+    keep mask; the merger's rule with the release's epsilon terms)."""
+    from .visual_tokenizer import policy_attend as merger_attend
+
+    return merger_attend(visible)
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, config: VQDecoderConfig):
         super().__init__()
@@ -46,9 +54,9 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(w, eps=config.eps)
         self.mlp = Mlp(w, config.mlp_dim)
 
-    def forward(self, queries, codes, code_bias):
+    def forward(self, queries, codes, attend):
         queries = queries + self.self_attn(self.norm0(queries))
-        queries = queries + self.cross_attn(self.norm1(queries), codes, padded_attend(code_bias))
+        queries = queries + self.cross_attn(self.norm1(queries), codes, attend)
         return queries + self.mlp(self.norm2(queries))
 
 
@@ -115,8 +123,8 @@ class VQDecoder(nn.Module):
                  < torch.tensor(lengths, device=padded.device)[:, None]).to(dtype)
         return self.unet_condition(self.decode_features(padded, valid))
 
-    def decode_features(self, codes: torch.Tensor, mask: torch.Tensor,
-                        positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode_features(self, codes: torch.Tensor, mask: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                        policy: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The trunk and `decode_task_layer` on a padded batch: ViT-like features (B, num_patches, feature_dim).
 
         Args:
@@ -125,18 +133,27 @@ class VQDecoder(nn.Module):
             positions: (B, T) index into `pos_embed` of each code; default 0..T-1, the
                 inference layout. Training passes each kept token's rank among the kept ones
                 with the tokens left in place: cross-attention does not depend on the order
-                of its keys, so this equals the compacted sequence exactly.
+                of its keys, so this equals the compacted sequence.
+            policy: training only: the keep mask with its straight-through gradient, used as
+                weights on the keys' softmax instead of the padding bias (the merger's rule).
+                Its forward values are `mask`'s, so the result equals the padded one (up to
+                that rule's 1e-6 epsilon), and the gradient tells the selector what each
+                token's code is worth to the reconstruction.
         """
         T = codes.shape[1]
-        tokens = self.in_proj(codes) * mask[..., None].to(codes.dtype)  # padded rows are zero + position
+        tokens = self.in_proj(codes)
+        if policy is None:
+            tokens = tokens * mask[..., None].to(codes.dtype)  # padded rows are zero + position
+            attend = padded_attend(torch.where(mask > 0, 0.0, PAD_BIAS)[:, None, None, :])  # (B, 1, 1, T)
+        else:
+            attend = policy_attend(policy[:, None, None, :])
         if positions is None:
             tokens = tokens + self.pos_embed[:, :T]
         else:
             tokens = tokens + self.pos_embed[0][positions]
-        code_bias = torch.where(mask > 0, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, T)
         x = self.query_embed.expand(codes.shape[0], *self.query_embed.shape[1:])
         for block in self.blocks:
-            x = block(x, tokens, code_bias)
+            x = block(x, tokens, attend)
         return self.decode_task_layer(self.norm(x))  # (B, num_patches, feature_dim)
 
     def unet_condition(self, features: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:

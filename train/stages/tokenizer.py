@@ -3,19 +3,22 @@
 The loss is the MLX tokenizer stage's (`lavit_mlx/training/stages/tokenizer.py`), term for
 term, on the `lavit_train.models` mirrors:
 
-    loss = mean_patches(1 - cos(decoded, target))      summed over the trained decoders
+    loss = mean_patches(1 - cos(decoded, target - mu))  summed over the trained decoders
          + keep_weight * (mean keep fraction - keep_ratio)^2
          + commitment * ||z - sg(e)||^2                  (kept tokens)
          + codebook_weight * ||sg(z) - e||^2             (kept tokens; `codebook: gradient` only)
 
-target = the frozen EVA's patch features (last block before the final norm, CLS dropped);
-the selection is a straight-through hard Gumbel-softmax whose noise shrinks from
-`noise_start` to `noise_end`; the codebook lookup is straight-through; the decoders read
-the kept codes in place with the position of their rank among the kept ones
-(`VQDecoder.decode_features`), their UNet heads frozen (trained in stage 3). The codebook is
+target = the frozen EVA's patch features (last block before the final norm, CLS dropped),
+mu their per-channel mean over the first `init_batches` batches (`center_targets`; frozen);
+the selection is a straight-through hard Gumbel-softmax whose noise falls from
+`noise_start` to `noise_end` over the first `noise_until` of the steps; the codebook lookup
+is straight-through; the decoders read the kept codes in place with the position of their
+rank among the kept ones, the straight-through keep mask weighting their cross-attention's
+softmax (`VQDecoder.decode_features(policy=...)`), their UNet heads frozen (trained in
+stage 3). The codebook is
 BEiT-v2's norm-EMA (counts and sums all-reduced over ranks, so every rank keeps the same
 codebook) or trained by gradient and re-normalised; both start from spherical k-means on
-the encoder outputs of the first `kmeans_batches` batches; a code unused for `dead_after`
+the encoder outputs of the first `init_batches` batches; a code unused for `dead_after`
 steps is re-drawn from the step's kept encoder outputs (the same draw on every rank).
 
 One difference from the MLX stage, only with several ranks: the mean keep fraction and the
@@ -116,6 +119,7 @@ class TokenizerTraining(nn.Module):
         self.codebook_size = tokenizer.config.codebook_size
         self.register_buffer("idle", torch.zeros(self.codebook_size, dtype=torch.int64))  # steps since last use
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # optimizer steps taken
+        self.register_buffer("feature_mean", torch.zeros(eva.config.width))  # mu, set from the first batches
 
     def train(self, mode: bool = True):
         """Training mode for what trains; the frozen encoders stay in inference mode."""
@@ -125,9 +129,10 @@ class TokenizerTraining(nn.Module):
         return self
 
     def noise_scale(self) -> torch.Tensor:
-        """noise_start to noise_end over train.steps (see the MLX stage: ends on inference's rule)."""
+        """noise_start to noise_end over the first `noise_until` of the steps, then held (the MLX
+        stage's schedule: shrinking the noise moves training onto inference's deterministic rule)."""
         cfg = self.loss_config
-        progress = (self.step.float() / max(1, self.steps - 1)).clamp(max=1.0)
+        progress = (self.step.float() / max(1.0, cfg.noise_until * self.steps)).clamp(max=1.0)
         return cfg.noise_start + (cfg.noise_end - cfg.noise_start) * progress
 
     def targets(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -137,17 +142,18 @@ class TokenizerTraining(nn.Module):
 
     def forward(self, batch: Dict[str, torch.Tensor]):
         cfg, world = self.loss_config, self.world
-        target = self.targets(batch["pixels"])
+        features = self.targets(batch["pixels"])
+        target = features - self.feature_mean
         B, N = target.shape[:2]
         # the noise of the global batch, this rank's rows: any world size draws the same per sample
         noise = gumbel_noise((world.size * B, N, 2), device=target.device)[world.rank_slice(B)]
-        out = self.tokenizer(target, noise=self.noise_scale() * noise, tau=cfg.gumbel_tau)
+        out = self.tokenizer(features, noise=self.noise_scale() * noise, tau=cfg.gumbel_tau)
         kept = out.keep.detach()  # the forward values: exactly 0 or 1
         positions = kept_positions(kept)
         metrics = {}
         loss = target.new_zeros(())
         for name in self.decoder_names:
-            decoded = getattr(self, name).decode_features(out.quantized, kept, positions)
+            decoded = getattr(self, name).decode_features(out.quantized, kept, positions, policy=out.keep)
             term = (1.0 - cosine(decoded.float(), target)).mean()
             metrics[f"{name.split('_')[0]}_reconstruction"] = term
             loss = loss + term
@@ -164,7 +170,7 @@ class TokenizerTraining(nn.Module):
             loss = loss + cfg.codebook_weight * codebook
             metrics["codebook"] = codebook
         metrics.update({
-            "keep_ratio_loss": ratio, "noise": self.noise_scale(), "commitment": commitment,
+            "keep_ratio_loss": ratio, "noise_scale": self.noise_scale(), "commitment": commitment,
             "keep_fraction": keep_fraction, "tokens_per_image": kept_sum / (world.size * B),
             "dead_codes": (self.idle >= cfg.dead_after).sum(),
             # tensors for `after_step` (not logged)
@@ -291,7 +297,7 @@ class TokenizerStage(Stage):
     def saved_keys(self, key: str) -> bool:
         """Trained parameters, the codebook (moved by `after_step` in EMA mode), the buffers."""
         return (super().saved_keys(key) or key == "tokenizer.quantize.embedding.weight"
-                or key in ("idle", "step"))
+                or key in ("idle", "step", "feature_mean"))
 
     # ----- data
     def batches(self):
@@ -307,24 +313,30 @@ class TokenizerStage(Stage):
     # ----- the step's edges
     @torch.no_grad()
     def before_training(self) -> None:
-        """Spherical k-means of the encoder outputs (every position, deterministic selection) of
-        the first `kmeans_batches` training batches, read by a second loader so that the training
-        cursor does not move; the same on every rank (the points are all-gathered)."""
+        """The feature mean and the spherical k-means codebook, from the encoder outputs (every
+        position, deterministic selection) of the first `init_batches` training batches, read by
+        a second loader so that the training cursor does not move; the same on every rank (the
+        points are all-gathered)."""
         cfg = self.loss_config
-        if cfg.kmeans_batches <= 0:
+        if cfg.init_batches <= 0:
             return
         module = self.module
         tokenizer = module.tokenizer
         tokenizer.eval()
-        points = []
-        for batch in islice(iter(self._loader(self.config.data.train, workers=0)), cfg.kmeans_batches):
-            z = tokenizer(module.targets(batch["pixels"].to(self.world.device))).z
+        features, points = [], []
+        for batch in islice(iter(self._loader(self.config.data.train, workers=0)), cfg.init_batches):
+            patch_features = module.targets(batch["pixels"].to(self.world.device))
+            z = tokenizer(patch_features).z
+            features.append(patch_features.reshape(-1, patch_features.shape[-1]))
             points.append(z.reshape(-1, z.shape[-1]))
         tokenizer.train()
-        points = self.world.all_gather(torch.cat(points))
-        generator = torch.Generator(device=points.device).manual_seed(self.config.train.seed + 1)
-        centroids = spherical_kmeans(points, module.codebook_size, cfg.kmeans_iters, generator)
-        tokenizer.quantize.embedding.weight.copy_(centroids)
+        features, points = self.world.all_gather(torch.cat(features)), self.world.all_gather(torch.cat(points))
+        if cfg.center_targets:
+            module.feature_mean.copy_(features.mean(dim=0))
+        if cfg.kmeans_iters > 0:
+            generator = torch.Generator(device=points.device).manual_seed(self.config.train.seed + 1)
+            centroids = spherical_kmeans(points, module.codebook_size, cfg.kmeans_iters, generator)
+            tokenizer.quantize.embedding.weight.copy_(centroids)
 
     @torch.no_grad()
     def after_step(self, model, metrics, step: int) -> None:
@@ -349,8 +361,9 @@ class TokenizerStage(Stage):
         module.eval()
         with unsharded(model):
             for batch in islice(iter(loader), self.config.train.eval_batches):
-                target = module.targets(batch["pixels"].to(self.world.device))
-                out = module.tokenizer(target)
+                features = module.targets(batch["pixels"].to(self.world.device))
+                target = features - module.feature_mean
+                out = module.tokenizer(features)
                 positions = kept_positions(out.keep)
                 for name in module.decoder_names:
                     decoded = getattr(module, name).decode_features(out.quantized, out.keep, positions)
