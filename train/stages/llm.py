@@ -236,7 +236,7 @@ class LLMStage(Stage):
         self.tokenizer_folder = text_tokenizer_folder(section, self.init)
         llm, self.llm_config, self.token_ids = build_language_model(
             section, self.init, tokenizer.config.codebook_size, self.tokenizer_folder, config.train.seed)
-        embed_rms = float(llm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+        embed_rms = float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         understanding = build_understanding(self.init, llm.config.hidden_size, heads, embed_rms)
         understanding.requires_grad_(False)
         if section.understanding == "train":
