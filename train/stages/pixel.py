@@ -163,6 +163,17 @@ class PixelTraining(nn.Module):
             ema.sub_((1.0 - decay) * (ema - param.detach()))
 
 
+def unet_units(unet) -> List[nn.Module]:
+    """FSDP2's units of a UNet: every ResNet block and every transformer block (SDXL's deepest
+    attention holds 10 of them: a whole up block would be a 1.2 B-parameter unit)."""
+    units = []
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        units += list(getattr(block, "resnets", []))
+        for attention in getattr(block, "attentions", []):
+            units += list(attention.transformer_blocks)
+    return units
+
+
 def load_pixel_folder(folder: Path):
     """(vae, scheduler config, unet or None) of a diffusers pixel-decoding folder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -268,10 +279,9 @@ class PixelStage(Stage):
 
     # ----- the model
     def blocks(self) -> List[nn.Module]:
-        unet = self.module.unet
-        units = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        units = unet_units(self.module.unet)
         if self.module.ema_unet is not None:
-            units.append(self.module.ema_unet)  # sharded like the UNet, never run
+            units.append(self.module.ema_unet)  # sharded, never run
         return units
 
     def frozen(self) -> List[nn.Module]:
