@@ -55,7 +55,7 @@ class _Streams(IterableDataset):
         stream = loader.stream(virtual)
         transform = loader.transform
         stream.transform = (lambda sample: transform(sample, stream)) if transform else None
-        for group in batches(stream, loader.batch_size, drop_last=True):
+        for group in batches(stream, loader.batch_size, drop_last=loader.drop_last):
             yield loader.collate(group), virtual, _compact(stream.state_dict())
 
 
@@ -74,6 +74,7 @@ class StreamLoader:
         epochs: None (endless, training) or a number of passes (evaluation).
         shuffle: False reads in order (evaluation).
         load_images: False for stages that read no pixels here.
+        drop_last: drop an epoch's last, smaller batch (evaluation keeps it).
     """
 
     def __init__(self, sources, world: World, batch_size: int, transform, collate: Collate = stack,
@@ -85,7 +86,7 @@ class StreamLoader:
         self.workers_requested = workers
         self.workers = max(1, workers)
         self.seed, self.shuffle_buffer, self.lines_per_shard = seed, shuffle_buffer if shuffle else 1, lines_per_shard
-        self.epochs, self.shuffle, self.load_images = epochs, shuffle, load_images
+        self.epochs, self.shuffle, self.load_images, self.drop_last = epochs, shuffle, load_images, drop_last
         self.rotation = 0
         self.consumed = 0  # batches this rank took from the loader since the run began
         self.resume_state: Optional[dict] = None  # the merged cursor to start from
@@ -183,3 +184,85 @@ class StreamLoader:
                 for reason, count in stats.items():
                     totals[reason] = totals.get(reason, 0) + count
         return format_stats(totals)
+
+
+# ----------------------------------------------------------------------------- evaluation
+class _EvalEpoch:
+    """What an evaluation transform sees as its stream: epoch 0."""
+
+    epoch = 0
+
+
+class EvalShards:
+    """One ordered pass over img2dataset tar shards with WebDataset's pipeline, for evaluation.
+
+    No cursor is needed for a pass that starts over each time, so webdataset's readers fit:
+    the shard list is split over ranks and data-loader workers with `wds.split_by_node` and
+    `wds.split_by_worker` (given explicitly), members are grouped by key (`tarfile_to_samples`),
+    and a sample that does not decode (image, text or metadata) is skipped and counted by its
+    error's type. `epoch_length()` is the number of samples read over all ranks (a collective).
+    """
+
+    def __init__(self, sources, world: World, batch_size: int, transform, collate: Collate = stack):
+        from lavit_mlx.data.shards import find_files
+
+        self.paths = find_files(sources).paths
+        self.world, self.batch_size, self.transform, self.collate = world, batch_size, transform, collate
+        self.errors: Dict[str, int] = {}
+        self.read = 0
+
+    def _skip(self, exc: Exception) -> bool:
+        self.errors[type(exc).__name__] = self.errors.get(type(exc).__name__, 0) + 1
+        return True  # go on with the next sample
+
+    def _sample(self, item: dict):
+        import io
+        import json
+
+        from PIL import Image
+
+        from lavit_mlx.data import Sample
+        from lavit_mlx.image_processing import load_image
+
+        name = next((e for e in ("jpg", "jpeg", "png", "webp") if e in item), None)
+        if name is None:
+            raise KeyError(f"{item.get('__key__')}: no image")
+        meta = json.loads(item["json"]) if "json" in item else {}
+        text = item["txt"].decode("utf-8") if "txt" in item else meta.get("caption")
+        image = load_image(Image.open(io.BytesIO(item[name])))
+        image.load()
+        self.read += 1
+        return Sample(key=item["__key__"], image=image, text=text, question=meta.pop("question", None),
+                      answer=meta.pop("answer", None), meta=meta, shard=item.get("__url__", ""),
+                      index=self.read - 1)
+
+    def __iter__(self) -> Iterator:
+        import webdataset as wds
+
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.paths),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=self._skip),
+            wds.map(self._sample, handler=self._skip),
+            wds.map(lambda sample: self.transform(sample, _EvalEpoch), handler=self._skip),
+            wds.select(lambda example: example is not None),
+            wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
+        )
+        return iter(pipeline)
+
+    def epoch_length(self) -> int:
+        """Samples read (decoded) over all ranks so far."""
+        return int(self.world.global_sum(torch.tensor(self.read)))
+
+
+def eval_loader(sources, world: World, batch_size: int, transform, collate: Collate = stack,
+                lines_per_shard: int = 1000):
+    """One ordered pass for evaluation, split over the ranks: WebDataset's pipeline for tar shards,
+    a `StreamLoader` pass for manifests."""
+    from lavit_mlx.data.shards import find_files
+
+    if all(kind == "tar" for kind in find_files(sources).kinds):
+        return EvalShards(sources, world, batch_size, transform, collate)
+    return StreamLoader(sources, world, batch_size, transform, collate, epochs=1, shuffle=False,
+                        lines_per_shard=lines_per_shard, drop_last=False)

@@ -38,7 +38,7 @@ from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES, RELEASE_FOLDERS
 
 from .. import checkpoint as release
-from ..data import StreamLoader
+from ..data import StreamLoader, eval_loader
 from ..distributed import World, unsharded
 from ..loop import Launch, Stage, checkpoint_blocks
 from ..models.visual_tokenizer import DynamicVisualTokenizer
@@ -312,7 +312,8 @@ class LLMStage(Stage):
         """Mean loss and accuracies on the first `train.eval_batches` batches of `data.eval` (per rank)."""
         if not self.config.data.eval:
             return {}
-        loader = self._loader(self.config.data.eval, shuffle=False)
+        loader = eval_loader(self.config.data.eval, self.world, self.config.train.batch_size, self.example,
+                             self.collate, self.config.data.lines_per_shard)
         totals: Dict[str, float] = {}
         count = 0
         self.module.eval()

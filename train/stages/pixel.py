@@ -41,7 +41,7 @@ from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES, RELEASE_FOLDERS
 
 from .. import checkpoint as release
-from ..data import StreamLoader
+from ..data import StreamLoader, eval_loader
 from ..distributed import World, unsharded
 from ..loop import Launch, Stage
 from ..sections import PixelLoss, PixelModel
@@ -308,7 +308,10 @@ class PixelStage(Stage):
         """The loss (mse) on the first `train.eval_batches` batches of `data.eval` (per rank)."""
         if not self.config.data.eval:
             return {}
-        loader = self._loader(self.config.data.eval, shuffle=False)
+        from ..data import stack
+
+        loader = eval_loader(self.config.data.eval, self.world, self.config.train.batch_size, self.example, stack,
+                             self.config.data.lines_per_shard)
         total, count = 0.0, 0
         with unsharded(model):
             for batch in loader:

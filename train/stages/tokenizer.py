@@ -43,7 +43,7 @@ from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES
 
 from .. import checkpoint as release
-from ..data import StreamLoader, stack
+from ..data import StreamLoader, eval_loader, stack
 from ..distributed import World, assign_full, full_tensor, unsharded
 from ..loop import Launch, Stage
 from ..models.visual_tokenizer import DynamicVisualTokenizer, gumbel_noise, l2_normalize
@@ -352,7 +352,9 @@ class TokenizerStage(Stage):
         object count (`tokens_objects_N`, from the manifest's `num_objects`), distinct codes used."""
         module = self.module
         sources = self.config.data.eval if self.config.data.eval is not None else self.config.data.train
-        loader = self._loader(sources, epochs=1, shuffle=False, workers=0)
+        data = self.config.data
+        loader = eval_loader(sources, self.world, self.config.train.batch_size, image_example(data.image_size), stack,
+                             data.lines_per_shard)
         sums: Dict[str, float] = {}
         tokens: Dict[int, list] = {}
         used = torch.zeros(module.codebook_size, dtype=torch.bool, device=self.world.device)
