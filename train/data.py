@@ -266,3 +266,29 @@ def eval_loader(sources, world: World, batch_size: int, transform, collate: Coll
         return EvalShards(sources, world, batch_size, transform, collate)
     return StreamLoader(sources, world, batch_size, transform, collate, epochs=1, shuffle=False,
                         lines_per_shard=lines_per_shard, drop_last=False)
+
+
+def even_batches(loader, world: World, limit: int) -> List[tuple]:
+    """Up to `limit` evaluation batches of this rank, padded so that every rank runs as many
+    forward passes (FSDP2's all-gathers and the losses' global sums are collectives): a rank
+    short of batches repeats one (the first rank's that has any, if it has none) marked not
+    to be counted.
+
+    Returns:
+        [(batch, counted), ...], the same length on every rank.
+    """
+    from itertools import islice
+
+    mine = list(islice(iter(loader), limit))
+    counts = world.gather_objects(len(mine))
+    most = max(counts)
+    if most == 0:
+        return []
+    spare = mine[0] if mine else None
+    if world.distributed and min(counts) == 0:
+        import torch.distributed as dist
+
+        box = [spare]
+        dist.broadcast_object_list(box, src=next(r for r, n in enumerate(counts) if n))
+        spare = spare if mine else box[0]
+    return [(batch, True) for batch in mine] + [(spare, False)] * (most - len(mine))

@@ -1,6 +1,6 @@
-"""Two processes under torchrun (gloo): DDP and FSDP2 give the weights of one process on the
-same global batch; a checkpoint saved on 2 ranks resumes on 1 and on 3 with every sample of
-the epoch delivered exactly once."""
+"""Two processes under torchrun (gloo): DDP and FSDP2 (with activation checkpointing) give the
+weights of one process on the same global batch; a checkpoint saved by DDP on 2 ranks resumes
+on 1 rank and under FSDP2 on 3, with every sample of the epoch delivered exactly once."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def test_ddp_and_fsdp2_match_one_process(tokenizer_config, tmp_path):
     common = ["--global-batches", "--set", "train.steps=4", "--set", "loss.init_batches=0",
               "--set", "train.save_every=0"]
     checked(run_driver(tokenizer_config, tmp_path / "one", *common, "--set", "train.batch_size=8"))
+    # activation checkpointing on the 2-process runs only: it must not change the result
     checked(run_driver(tokenizer_config, tmp_path / "two", *common, "--set", "train.batch_size=4",
-                       "--strategy", "ddp,fsdp", procs=2))
+                       "--set", "train.gradient_checkpointing=true", "--strategy", "ddp,fsdp", procs=2))
     expected = torch.load(tmp_path / "one" / "final.pt")
     for strategy in ("ddp", "fsdp"):
         got = torch.load(tmp_path / "two" / strategy / "final.pt")
@@ -56,7 +57,9 @@ def test_saved_on_two_ranks_resumes_on_one_and_three(tokenizer_config, tmp_path)
         resumed = tmp_path / f"on-{procs}"
         shutil.copytree(first, resumed)
         (resumed / "model").exists() and shutil.rmtree(resumed / "model")
-        result = checked(run_driver(tokenizer_config, resumed, "--record", "--set", "train.steps=9", procs=procs))
+        strategy = "fsdp" if procs == 3 else "ddp"
+        result = checked(run_driver(tokenizer_config, resumed, "--record", "--set", "train.steps=9",
+                                    "--strategy", strategy, procs=procs))
         assert "saved on 2 rank(s), now %d" % procs in result.stderr
         uids = epoch_zero(resumed)
         assert len(uids) == len(set(uids)), f"repeated on {procs}: {sorted(uids)}"

@@ -20,7 +20,7 @@ def test_llm_stage_loss_falls(folders, tmp_path):
                           "num_attention_heads": 2}},
         "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 10},
         "train": {"steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1, "log_every": 1,
-                  "save_every": 0},
+                  "save_every": 0, "gradient_checkpointing": True},
     })
     out = tmp_path / "run"
     checked(run_driver(config, out))
@@ -43,7 +43,7 @@ def test_pixel_stage_loss_falls(folders, tmp_path):
                   "unet": builders.UNET},
         "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 10},
         "train": {"steps": 10, "batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 1, "log_every": 1,
-                  "save_every": 0},
+                  "save_every": 0, "gradient_checkpointing": True},
         "loss": {"min_snr_gamma": 5.0, "condition_dropout": 0.2},
     })
     out = tmp_path / "run"

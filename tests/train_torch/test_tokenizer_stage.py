@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import builders
@@ -29,6 +30,7 @@ def test_loss_falls_and_the_run_folder_is_complete(tokenizer_run):
     assert exported == ["eva_vitg_psz14.bin", "highres_tokenizer_decoder.bin", "tokenizer_encoder.bin"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_weights(tokenizer_config, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     checked(run_driver(tokenizer_config, whole, "--workers", "2"))

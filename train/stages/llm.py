@@ -38,7 +38,7 @@ from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES, RELEASE_FOLDERS
 
 from .. import checkpoint as release
-from ..data import StreamLoader, eval_loader
+from ..data import StreamLoader, eval_loader, even_batches
 from ..distributed import World, unsharded
 from ..loop import Launch, Stage, checkpoint_blocks
 from ..models.visual_tokenizer import DynamicVisualTokenizer
@@ -318,14 +318,13 @@ class LLMStage(Stage):
         count = 0
         self.module.eval()
         with unsharded(model):
-            for batch in loader:
+            for batch, counted in even_batches(loader, self.world, self.config.train.eval_batches):
                 batch = {**batch, "pixels": batch["pixels"].to(self.world.device)}
                 loss, metrics = self.module(batch)
-                for k, v in {"loss": loss, **metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                count += 1
-                if count == self.config.train.eval_batches:
-                    break
+                if counted:
+                    for k, v in {"loss": loss, **metrics}.items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                    count += 1
         self.module.train()
         self.module.eva.eval()
         self.module.tokenizer.eval()

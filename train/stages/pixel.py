@@ -41,7 +41,7 @@ from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES, RELEASE_FOLDERS
 
 from .. import checkpoint as release
-from ..data import StreamLoader, eval_loader
+from ..data import StreamLoader, eval_loader, even_batches
 from ..distributed import World, unsharded
 from ..loop import Launch, Stage
 from ..sections import PixelLoss, PixelModel
@@ -314,14 +314,13 @@ class PixelStage(Stage):
                              self.config.data.lines_per_shard)
         total, count = 0.0, 0
         with unsharded(model):
-            for batch in loader:
-                torch.manual_seed(count)  # the same noise on every evaluation
+            for index, (batch, counted) in enumerate(even_batches(loader, self.world, self.config.train.eval_batches)):
+                torch.manual_seed(index)  # the same noise on every evaluation
                 batch = {k: v.to(self.world.device) for k, v in batch.items()}
                 _, metrics = self.module(batch)
-                total += float(metrics["mse"])
-                count += 1
-                if count == self.config.train.eval_batches:
-                    break
+                if counted:
+                    total += float(metrics["mse"])
+                    count += 1
         parts = self.world.gather_objects((total, count))
         done = sum(n for _, n in parts)
         return {"mse": sum(t for t, _ in parts) / done} if done else {}

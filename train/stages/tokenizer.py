@@ -43,7 +43,7 @@ from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES
 
 from .. import checkpoint as release
-from ..data import StreamLoader, eval_loader, stack
+from ..data import StreamLoader, eval_loader, even_batches, stack
 from ..distributed import World, assign_full, full_tensor, unsharded
 from ..loop import Launch, Stage
 from ..models.visual_tokenizer import DynamicVisualTokenizer, gumbel_noise, l2_normalize
@@ -362,15 +362,18 @@ class TokenizerStage(Stage):
         was_training = module.training
         module.eval()
         with unsharded(model):
-            for batch in islice(iter(loader), self.config.train.eval_batches):
+            for batch, counted in even_batches(loader, self.world, self.config.train.eval_batches):
                 features = module.targets(batch["pixels"].to(self.world.device))
                 target = features - module.feature_mean
                 out = module.tokenizer(features)
                 positions = kept_positions(out.keep)
+                decoded = {name: getattr(module, name).decode_features(out.quantized, out.keep, positions)
+                           for name in module.decoder_names}
+                if not counted:
+                    continue  # run for the other ranks' collectives
                 for name in module.decoder_names:
-                    decoded = getattr(module, name).decode_features(out.quantized, out.keep, positions)
                     key = f"{name.split('_')[0]}_reconstruction"
-                    sums[key] = sums.get(key, 0.0) + float((1.0 - cosine(decoded.float(), target)).mean())
+                    sums[key] = sums.get(key, 0.0) + float((1.0 - cosine(decoded[name].float(), target)).mean())
                 sums["keep_fraction"] = sums.get("keep_fraction", 0.0) + float(out.keep.mean())
                 keep = out.keep > 0.5
                 for count, objects in zip(keep.sum(dim=1).tolist(), batch["num_objects"].tolist()):
