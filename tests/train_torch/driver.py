@@ -8,6 +8,7 @@
                 first `batch_size x world` manifest lines from a step-dependent offset, each
                 rank taking its rows (for DDP/FSDP2 against one process)
 --record        append the consumed samples' (uid, epoch) to OUT/samples-RANK.jsonl
+--async-save    checkpoints written in the background
 
 At the end rank 0 writes OUT/final.pt: the trainable parameters and the saved buffers.
 """
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--global-batches", action="store_true")
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--vision-heads", type=int)
+    parser.add_argument("--async-save", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     world = World.init("cpu")
@@ -78,7 +80,8 @@ def main() -> None:
 
 def run(args, world: World, strategy: str, out: Path) -> None:
     config = load_run_config(None, args.config, [*args.overrides, f"out={out}"])
-    launch = Launch(strategy=strategy, workers=args.workers, tensorboard=False, vision_heads=args.vision_heads)
+    launch = Launch(strategy=strategy, workers=args.workers, tensorboard=False, vision_heads=args.vision_heads,
+                    async_save=args.async_save)
     stage = build_stage(config, world, launch)
     if args.record:
         transform = stage.data.transform
