@@ -34,6 +34,51 @@ def test_llm_stage_loss_falls(folders, tmp_path):
     assert (model / "language_model" / "visual_weight.bin").is_file()
     vocab = json.loads((model / "language_model" / "config.json").read_text())["vocab_size"]
     assert vocab == 256 + 2 + builders.CODEBOOK
+    # the export converts to MLX, whose LLM gives transformers' logits
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import lavit_mlx
+    from lavit_convert.to_mlx import ConvertOptions, convert_to_mlx
+    from support import max_rel
+
+    convert_to_mlx(model, tmp_path / "mlx", ConvertOptions(vision_heads=builders.HEADS))
+    ids = [1, 40, 256, 270, 280, 257]
+    with torch.no_grad():
+        expected = LlamaForCausalLM.from_pretrained(model / "language_model").eval()(torch.tensor([ids])).logits
+    logits = lavit_mlx.load(tmp_path / "mlx").llm.model(mx.array([ids]))
+    assert max_rel(np.array(logits), expected.numpy()) <= 1e-4
+
+
+def test_a_text_llama_grows_by_the_image_ids(folders, tmp_path):
+    """model.language_model: a Hugging Face LLaMA of the text vocabulary grows by [IMG], [/IMG] and
+    the codes, each new row near the mean of the text rows."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lavit_train.distributed import World
+    from lavit_train.loop import Launch
+    from lavit_train.sections import load_run_config
+    from lavit_train.stages import build_stage
+
+    text_llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(text_llama)
+    shutil.copyfile(folders["text"] / "tokenizer.model", text_llama / "tokenizer.model")
+    config = write_config(tmp_path / "llm.yaml", {
+        "stage": "llm", "out": str(tmp_path / "run"),
+        "model": {"init": str(folders["mlx"]), "language_model": str(text_llama), "grow_noise": 0.0},
+        "data": {"train": str(folders["data"]), "image_size": 28},
+        "train": {"steps": 2, "warmup_steps": 1},
+    })
+    stage = build_stage(load_run_config(None, config), World(), Launch(tensorboard=False))
+    rows = stage.module.llm.get_input_embeddings().weight.detach()
+    assert rows.shape[0] == 256 + 2 + builders.CODEBOOK and stage.token_ids.visual_offset == 258
+    assert torch.allclose(rows[256:], rows[:256].mean(dim=0).expand(2 + builders.CODEBOOK, -1), atol=1e-6)
 
 
 def test_pixel_stage_loss_falls(folders, tmp_path):
