@@ -99,3 +99,9 @@ def test_pixel_stage_loss_falls(folders, tmp_path):
     assert (pixel / "unet" / "diffusion_pytorch_model.bin").is_file()
     assert (pixel / "vae" / "config.json").is_file() and (pixel / "scheduler" / "scheduler_config.json").is_file()
     assert (out / "model" / "visual_tokenizer" / "highres_tokenizer_decoder.bin").is_file()
+    import lavit_mlx
+    from lavit_convert.to_mlx import ConvertOptions, convert_to_mlx
+
+    report = convert_to_mlx(out / "model", tmp_path / "mlx", ConvertOptions(vision_heads=builders.HEADS))
+    assert "highres_pixel" in report.components
+    assert lavit_mlx.load(tmp_path / "mlx").pixel_decoder(True) is not None
