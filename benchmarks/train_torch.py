@@ -42,9 +42,10 @@ def stage_config(stage: str, fixture: dict, args, out: Path) -> dict:
         "llm": {"init": init, "text_tokenizer": str(fixture["text"]), "max_length": 128, "vision_heads": 4,
                 "llm": {"hidden_size": 2 * args.width, "intermediate_size": 4 * args.width,
                         "num_hidden_layers": 2, "num_attention_heads": 4}},
-        "pixel": {"init": init, "pixel": str(fixture["pixel"]), "resolution": 32, "unet": fixture["unet"],
-                  "vision_heads": 4},
+        "pixel": {"init": init, "vae": str(fixture["pixel"]), "unet": fixture["unet"]},
     }[stage]
+    if stage == "pixel":
+        data = {**data, "image_size": 32}  # the VAE's pictures (EVA reads its own size)
     return {"stage": stage, "out": str(out), "model": model, "data": data, "train": train,
             **({"loss": {"init_batches": 1}} if stage == "tokenizer" else {})}
 

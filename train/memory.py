@@ -4,6 +4,7 @@ Parameter counts come from the configs: the mirrors, transformers' LLaMA and dif
 UNet are built on the meta device (no memory) and counted. Per trained parameter:
 
     DDP    fp32 master weights 4 B + fp32 gradients 4 B + AdamW m, v 8 B = 16 B, on every GPU
+           (+ 4 B for stage 3's EMA copy)
     FSDP2  the same 16 B sharded over the GPUs, plus the unsharded bf16 copies of the two
            largest units in flight (forward prefetch) and their bf16 gradients
 
@@ -169,6 +170,8 @@ def estimate(stage: str, strategy: str, gpus: int, sizes=None) -> Estimate:
     accumulation = max(1, GLOBAL_BATCH[stage] // (gpus * micro))
     shard = gpus if strategy == "fsdp" else 1
     weights = trained_count * 4 / shard
+    if stage == "pixel":
+        weights += trained_count * 4 / shard  # the EMA of every trained weight (fp32, sharded like them)
     if strategy == "fsdp":
         largest_unit = max(block for _, block in trained)
         weights += 2 * largest_unit * 2  # two units unsharded in bf16 (the one running, the next)

@@ -9,7 +9,7 @@ They belong in one pure module that both sides import (`lavit_mlx/training/secti
 until the MLX stages move there, `register()` adds these where MLX has not registered
 its own.
 
-Stage 3 (`pixel`) has no MLX trainer yet: its sections are defined here first.
+Stage 3's are the MLX pixel stage's as it stood in its worktree (not yet committed there).
 """
 
 from __future__ import annotations
@@ -214,59 +214,91 @@ LLM_DEFAULTS = {"steps": 2000, "batch_size": 16, "learning_rate": 1e-3, "warmup_
                 "min_learning_rate": 1e-5, "weight_decay": 0.01, "save_every": 500}
 
 # ----------------------------------------------------------------------------- stage 3: pixel
-PIXEL_DECODERS = ("highres", "lowres")
-DECODER_TRAINING = ("heads", "all", "none")
-PREDICTIONS = ("", "epsilon", "v_prediction")
+PIXEL_DECODERS = {"highres": "highres_decoder", "lowres": "lowres_decoder"}
+TRAIN_DECODER = ("heads", "all", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class EMASection:
+    """diffusers `EMAModel` settings (the defaults of its warmup form, capped at `decay`)."""
+
+    decay: float = 0.999
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    use_warmup: bool = True
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+
+
+@dataclass
+class DevTokenizer:
+    """A random tokenizer that keeps every patch and a VQ decoder, standing in for stage 1's
+    until `model.init` names its export (MLX only)."""
+
+    patch_size: int = 28
+    width: int = 128  # EVA and tokenizer width; the decoder's feature_dim
+    codebook_size: int = 1024
+    code_dim: int = 32
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    num_heads: int = 4
+    context_dims: List[int] = field(default_factory=lambda: [128, 128])
+    pooled_dim: int = 128
 
 
 @dataclass
 class PixelModel:
-    """`model:` of the pixel stage: the tokenizer side (frozen) and the diffusion UNet to train."""
+    """`model:` of the pixel stage."""
 
-    init: str = ""  # LaVIT folder: eva + tokenizer + the VQ decoder (stage 1's export)
-    decoder: str = "highres"  # which VQ decoder conditions the UNet: highres (SDXL-shaped) | lowres (SD-1.5)
-    pixel: str = ""  # a diffusers folder {unet, vae, scheduler} to start from ("": the init folder's own)
-    unet: dict = field(default_factory=dict)  # UNet2DConditionModel config keys: a new UNet (the VAE and
-    # scheduler still come from `pixel`); the context widths are the VQ decoder's
-    train_decoder: str = "heads"  # heads (unet_proj*, attention pool) | all | none: the VQ decoder's part trained
-    resolution: int = 256  # the images the VAE encodes (center-cropped squares)
-    vision_heads: Optional[int] = None
-    ema: bool = False  # keep an EMA of the UNet (diffusers' EMAModel); exported instead of the raw UNet
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True  # diffusers' `use_ema_warmup`: the decay grows as 1 - (1 + step) ** -2/3
+    init: str = ""  # folder with eva, tokenizer and the VQ decoder (stage 1's export); "": dev tokenizer (MLX)
+    vae: str = ""  # the VAE stage's export (or any folder holding this pixel decoder's VAE)
+    decoder: str = "highres"  # highres (SDXL-shaped) or lowres (SD-1.5-shaped)
+    unet: dict = field(default_factory=dict)  # diffusers UNet config keys over UNET_DEFAULTS
+    context_dims: List[int] = field(default_factory=list)  # new decoder heads of these widths ([]: keep init's)
+    pooled_dim: int = 0  # with context_dims: the new attention pool's width (high-res)
+    train_decoder: str = "heads"  # heads (unet_proj*, unet_attnpool), all, or none
+    max_images: int = 0  # distinct training pictures cached (0: all; MLX)
+    scheduler: dict = field(default_factory=dict)  # overrides of the release's DDIM config
+    defaults: dict = field(default_factory=lambda: {"steps": 20, "guidance": 3.0})  # inference defaults
+    export_dtype: str = "float32"  # or float16 (the UNet and decoder weights)
+    ema: EMASection = field(default_factory=EMASection)
+    dev_tokenizer: DevTokenizer = field(default_factory=DevTokenizer)
 
     def check(self) -> None:
-        if not self.init:
-            raise LaVITError("model.init: give the LaVIT folder with the encoder, the tokenizer and the VQ decoder")
         if self.decoder not in PIXEL_DECODERS:
-            raise LaVITError(f"model.decoder {self.decoder!r}: choose from {', '.join(PIXEL_DECODERS)}")
-        if self.train_decoder not in DECODER_TRAINING:
-            raise LaVITError(f"model.train_decoder {self.train_decoder!r}: choose from {', '.join(DECODER_TRAINING)}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise LaVITError(f"model.resolution {self.resolution}: expected a multiple of 8")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise LaVITError(f"model.ema_decay {self.ema_decay}: expected in (0, 1)")
+            raise LaVITError(f"model.decoder {self.decoder!r}: expected highres or lowres")
+        if self.train_decoder not in TRAIN_DECODER:
+            raise LaVITError(f"model.train_decoder {self.train_decoder!r}: expected one of {', '.join(TRAIN_DECODER)}")
+        if self.export_dtype not in ("float32", "float16"):
+            raise LaVITError(f"model.export_dtype {self.export_dtype!r}: expected float32 or float16")
+        unknown = set(self.defaults) - {"height", "width", "steps", "guidance"}
+        if unknown:
+            raise LaVITError(f"model.defaults: unknown key {sorted(unknown)[0]!r} (height, width, steps, guidance)")
+        if not 0 <= self.ema.decay < 1:
+            raise LaVITError(f"model.ema.decay {self.ema.decay}: expected 0 <= decay < 1")
 
 
 @dataclass
 class PixelLoss:
-    """`loss:` of the pixel stage: the noise-prediction loss of latent diffusion."""
+    """`loss:` of the pixel stage."""
 
-    prediction: str = ""  # "": the scheduler config's prediction_type; epsilon | v_prediction
-    min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma weighting (Hang et al. 2023; 5.0 is theirs); 0: plain MSE
-    condition_dropout: float = 0.1  # conditioning replaced by zeros (the release's negative) for guidance
-    noise_offset: float = 0.0  # per-channel offset noise (0: off)
+    prediction_type: str = "epsilon"  # or v_prediction
+    snr_gamma: float = 5.0  # min-SNR weighting (0: off)
+    cond_dropout: float = 0.1  # probability of zero conditioning (classifier-free guidance)
+    eval_images: int = 16  # held-out pictures reconstructed (tokens -> pixels) at evaluation
 
     def check(self) -> None:
-        if self.prediction not in PREDICTIONS:
-            raise LaVITError(f"loss.prediction {self.prediction!r}: choose epsilon or v_prediction")
-        if self.min_snr_gamma < 0 or self.noise_offset < 0:
-            raise LaVITError("loss.min_snr_gamma and loss.noise_offset must be >= 0")
-        if not 0.0 <= self.condition_dropout < 1.0:
-            raise LaVITError(f"loss.condition_dropout {self.condition_dropout}: expected 0 <= p < 1")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise LaVITError(f"loss.prediction_type {self.prediction_type!r}: expected epsilon or v_prediction")
+        if not 0 <= self.cond_dropout < 1:
+            raise LaVITError(f"loss.cond_dropout {self.cond_dropout}: expected 0 <= p < 1")
+        if self.snr_gamma < 0 or self.eval_images < 1:
+            raise LaVITError("loss.snr_gamma must be >= 0 and loss.eval_images >= 1")
 
 
-PIXEL_DEFAULTS = {"steps": 2000, "batch_size": 8, "learning_rate": 1e-4, "warmup_steps": 100, "weight_decay": 0.01}
+PIXEL_DEFAULTS = {"steps": 1000, "batch_size": 32, "learning_rate": 5e-4, "min_learning_rate": 2e-5,
+                  "warmup_steps": 50, "weight_decay": 0.01, "save_every": 200, "log_every": 10}
 
 SECTIONS = {
     "tokenizer": (TokenizerModel, TokenizerLoss, TOKENIZER_DEFAULTS),

@@ -84,12 +84,12 @@ def test_a_text_llama_grows_by_the_image_ids(folders, tmp_path):
 def test_pixel_stage_loss_falls(folders, tmp_path):
     config = write_config(tmp_path / "pixel.yaml", {
         "stage": "pixel",
-        "model": {"init": str(folders["mlx"]), "pixel": str(folders["pixel"]), "resolution": 16, "ema": True,
-                  "unet": builders.UNET},
-        "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 10},
+        "model": {"init": str(folders["mlx"]), "vae": str(folders["pixel"]), "unet": builders.UNET,
+                  "ema": {"decay": 0.9}},
+        "data": {"train": str(folders["data"]), "image_size": 16, "shuffle_buffer": 4, "lines_per_shard": 10},
         "train": {"steps": 10, "batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 1, "log_every": 1,
                   "save_every": 0, "gradient_checkpointing": True},
-        "loss": {"min_snr_gamma": 5.0, "condition_dropout": 0.2},
+        "loss": {"snr_gamma": 5.0, "cond_dropout": 0.2},
     })
     out = tmp_path / "run"
     checked(run_driver(config, out))
