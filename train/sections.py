@@ -73,16 +73,14 @@ class TokenizerLoss:
     keep_ratio: float = 1 / 3  # rho: the target mean keep fraction
     keep_weight: float = 2.0  # lambda
     gumbel_tau: float = 1.0  # temperature of the straight-through Gumbel-softmax selection
-    noise_start: float = 1.0  # scale of the Gumbel noise at step 0 ...
-    noise_end: float = 0.0  # ... falling linearly to this (0: inference's deterministic rule) ...
-    noise_until: float = 0.6  # ... at this fraction of train.steps, then held
+    decision_weight: float = 0.5  # weight of mean p(1 - p) of the keep probabilities
     commitment: float = 0.25  # beta
     codebook: str = "ema"  # ema | gradient
     codebook_weight: float = 1.0  # the codebook term (gradient mode)
     ema_decay: float = 0.99
     init_batches: int = 2  # batches read once at the start: the feature mean and the k-means data
     kmeans_iters: int = 10  # 0: the codebook starts from random unit rows
-    center_targets: bool = True  # reconstruct the features minus their mean
+    center_features: bool = True  # shift EVA's output to zero mean
     dead_after: int = 100  # steps without a use that make a code dead (logged, and restarted)
     restart_dead: bool = True
 
@@ -93,10 +91,6 @@ class TokenizerLoss:
             raise LaVITError(f"loss.keep_ratio {self.keep_ratio}: expected in (0, 1]")
         if not 0 <= self.ema_decay < 1:
             raise LaVITError(f"loss.ema_decay {self.ema_decay}: expected in [0, 1)")
-        if not 0 < self.noise_until <= 1:
-            raise LaVITError(f"loss.noise_until {self.noise_until}: expected a fraction of the steps in (0, 1]")
-        if not 0 <= self.noise_end <= self.noise_start:
-            raise LaVITError("loss.noise_start and loss.noise_end: expected 0 <= noise_end <= noise_start")
         if self.gumbel_tau <= 0 or self.dead_after < 1:
             raise LaVITError("loss.gumbel_tau must be > 0 and loss.dead_after at least 1")
 
@@ -106,7 +100,7 @@ TOKENIZER_DEFAULTS = {"steps": 600, "batch_size": 32, "learning_rate": 1e-3, "wa
 # ----------------------------------------------------------------------------- stage 2: llm
 TARGETS = ("both", "text", "image")
 SAMPLE_KINDS = ("caption", "vqa")
-UNDERSTANDING_MODES = ("train", "frozen")
+UNDERSTANDING_MODES = ("train", "projection", "frozen")
 EXPORTS = ("model", "adapter", "both")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -146,7 +140,7 @@ class LLMModelSection:
     language_model: Optional[str] = None  # a text-only LLaMA folder (HF layout) to grow
     llm: dict = field(default_factory=dict)  # sizes of an LLM from scratch (config.json keys; vocab is derived)
     text_tokenizer: Optional[str] = None  # folder with tokenizer.model; default the LLM's
-    understanding: str = "train"  # train (merger + vit_proj with the LLM) | frozen
+    understanding: str = "train"  # train (merger + vit_proj with the LLM) | projection (vit_proj only) | frozen
     quantize: Optional[int] = None  # 4 | 8: QLoRA (MLX only)
     group_size: int = 64
     lora: LoRASection = field(default_factory=LoRASection)
@@ -176,9 +170,26 @@ class LLMModelSection:
             raise LaVITError(f"model.export {self.export}: an adapter needs model.lora.rank of at least 1")
         if self.export_dtype not in (None, *EXPORT_DTYPES):
             raise LaVITError(f"model.export_dtype {self.export_dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
+        self.llm = _llm_sizes(self.llm)
         if self.max_length < 8 or self.bucket < 1 or self.cache_batch < 1:
             raise LaVITError("model.max_length must be at least 8, model.bucket and model.cache_batch at least 1")
         self.lora.check()
+
+
+def _llm_sizes(values: dict) -> dict:
+    """`model.llm` checked against the LLaMA config's keys, numbers read as numbers (YAML
+    reads 1e-5 as text)."""
+    import dataclasses
+
+    from lavit_mlx.config import LLMConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LLMConfig) if f.name != "extra"}
+    out = {}
+    for key, value in (values or {}).items():
+        if key not in defaults:
+            raise LaVITError(f"unknown key model.llm.{key}{run_config._nearest(key, list(defaults))}")
+        out[key] = run_config._coerce(value, defaults[key], f"model.llm.{key}")
+    return out
 
 
 @dataclass
@@ -187,6 +198,7 @@ class LLMLossSection:
 
     samples: list = field(default_factory=lambda: list(SAMPLE_KINDS))  # manifest lines used: caption, vqa
     generation_fraction: float = 0.5  # caption pairs put in [text, image] order (the rest [image, text])
+    vqa_fraction: float = 1.0  # VQA lines used per epoch (drawn anew each epoch): the caption:VQA mix
     understanding_targets: str = "both"  # both | text | image: the targets of [image, text] sequences
     generation_targets: str = "both"  # the targets of [text, image] sequences
     mask_prompt: bool = True  # the VQA prompt "Question: {} Answer:" is input only
@@ -203,7 +215,7 @@ class LLMLossSection:
         for name in ("understanding_targets", "generation_targets"):
             if getattr(self, name) not in TARGETS:
                 raise LaVITError(f"loss.{name} {getattr(self, name)!r}: choose from {', '.join(TARGETS)}")
-        for name in ("generation_fraction", "drop_text"):
+        for name in ("generation_fraction", "vqa_fraction", "drop_text"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise LaVITError(f"loss.{name} {getattr(self, name)}: expected 0..1")
         if self.text_weight < 0 or self.image_weight < 0 or self.text_weight + self.image_weight == 0:

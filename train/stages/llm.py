@@ -10,8 +10,8 @@ What differs is where the images are tokenized: the MLX stage runs the frozen en
 tokenizer once over a data set that fits a laptop; here every step runs them (frozen,
 bf16 on CUDA) on the batch's pixels, as LAION-scale data requires. The understanding
 selector's deterministic rule picks the kept patches, the discrete tokenizer gives their
-codes with that selection, the merger + `vit_proj` (trained with the LLM unless
-`model.understanding: frozen`) their embeddings: the same inputs and targets as the MLX
+codes with that selection, the merger + `vit_proj` (trained with the LLM; `model.understanding:
+projection` trains `vit_proj` alone, `frozen` neither) their embeddings: the same inputs and targets as the MLX
 stage for the same images. The target count is the global batch's (as stage 1's counts).
 
 The LLM comes from a text LLaMA folder (`model.language_model`, Hugging Face layout), its
@@ -44,7 +44,7 @@ from ..loop import Launch, Stage, checkpoint_blocks
 from ..models.visual_tokenizer import DynamicVisualTokenizer
 from ..sections import LLMLossSection, LLMModelSection
 from . import save_release, stage_builder
-from .sequences import VQA_PROMPT, arrangement, layout
+from .sequences import VQA_PROMPT, arrangement, layout, pair_rng, vqa_used
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
@@ -160,7 +160,7 @@ class UnifiedTraining(nn.Module):
         super().__init__()
         self.eva, self.tokenizer, self.understanding, self.llm = eva, tokenizer, understanding, llm
         self.token_ids, self.section, self.loss_config, self.world = token_ids, section, loss, world
-        self.train_understanding = section.understanding == "train"
+        self.understanding_mode = section.understanding  # train | projection | frozen
 
     @torch.no_grad()
     def train(self, mode: bool = True):
@@ -189,8 +189,12 @@ class UnifiedTraining(nn.Module):
         visual = torch.from_numpy(arrays["visual"]).to(device)
         text, image = (torch.from_numpy(arrays[k]).to(device) for k in ("text_mask", "image_mask"))
         words = self.llm.get_input_embeddings()(ids)  # (B, L, hidden)
-        if self.train_understanding:
+        if self.understanding_mode == "train":
             embeds = self.understanding(patches, keep=keep).visual_embeds  # (B, N, hidden)
+        elif self.understanding_mode == "projection":  # the merger frozen, vit_proj trained
+            with torch.no_grad():
+                merged = self.understanding.causal_encoder(patches, keep)
+            embeds = self.understanding.vit_proj(merged)
         else:
             with torch.no_grad():
                 embeds = self.understanding(patches, keep=keep).visual_embeds
@@ -241,6 +245,7 @@ class LLMStage(Stage):
         understanding.requires_grad_(False)
         if section.understanding == "train":
             understanding.causal_encoder.requires_grad_(True)
+        if section.understanding != "frozen":
             understanding.vit_proj.requires_grad_(True)
         from lavit_mlx.models.llm import TextTokenizer  # the MLX trainer's encoding, exactly
 
@@ -260,11 +265,14 @@ class LLMStage(Stage):
         loss = self.loss_config
         if kind not in loss.samples:
             return None
+        rng = pair_rng(self.config.train.seed, stream.epoch, sample.index, sample.shard)
         if kind == "vqa":
+            if not vqa_used(rng, loss):
+                return None
             entry = {"prompt": self.text.encode(VQA_PROMPT.format(sample.question)),
                      "text": self.text.encode(sample.answer + loss.answer_suffix), "generation": False}
         else:
-            generation, dropped = arrangement(self.config.train.seed, stream.epoch, sample.index, sample.shard, loss)
+            generation, dropped = arrangement(rng, loss)
             if not generation:
                 entry = {"prompt": [], "text": self.text.encode(sample.text + loss.caption_suffix),
                          "generation": False}

@@ -78,10 +78,19 @@ def target_masks(kinds: np.ndarray, generation: np.ndarray, loss) -> Tuple[np.nd
     return text, image
 
 
-def arrangement(seed: int, epoch: int, index: int, shard: str, loss) -> Tuple[bool, bool]:
-    """(generation order, text dropped) of a caption pair, drawn from (seed, epoch, shard, index)
-    as the MLX stage draws them, so a resumed run (and either framework) lays it out the same."""
-    rng = np.random.default_rng([seed, epoch, index, zlib.crc32(shard.encode())])
+def pair_rng(seed: int, epoch: int, index: int, shard: str) -> np.random.Generator:
+    """The draws of one data line, from (seed, epoch, shard, index) as the MLX stage makes them, so
+    a resumed run (and either framework) lays it out the same."""
+    return np.random.default_rng([seed, epoch, index, zlib.crc32(shard.encode())])
+
+
+def vqa_used(rng: np.random.Generator, loss) -> bool:
+    """Whether a VQA line is used this epoch (`vqa_fraction` of them)."""
+    return loss.vqa_fraction >= 1.0 or rng.random() < loss.vqa_fraction
+
+
+def arrangement(rng: np.random.Generator, loss) -> Tuple[bool, bool]:
+    """(generation order, text dropped) of a caption pair."""
     generation = bool(rng.random() < loss.generation_fraction)
     dropped = generation and bool(rng.random() < loss.drop_text)
     return generation, dropped

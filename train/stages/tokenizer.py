@@ -3,23 +3,25 @@
 The loss is the MLX tokenizer stage's (`lavit_mlx/training/stages/tokenizer.py`), term for
 term, on the `lavit_train.models` mirrors:
 
-    loss = mean_patches(1 - cos(decoded, target - mu))  summed over the trained decoders
+    loss = mean_patches(1 - cos(decoded, target))      summed over the trained decoders
          + keep_weight * (mean keep fraction - keep_ratio)^2
+         + decision_weight * mean(p_keep * (1 - p_keep))
          + commitment * ||z - sg(e)||^2                  (kept tokens)
          + codebook_weight * ||sg(z) - e||^2             (kept tokens; `codebook: gradient` only)
 
 target = the frozen EVA's patch features (last block before the final norm, CLS dropped),
-mu their per-channel mean over the first `init_batches` batches (`center_targets`; frozen);
-the selection is a straight-through hard Gumbel-softmax whose noise falls from
-`noise_start` to `noise_end` over the first `noise_until` of the steps; the codebook lookup
-is straight-through; the decoders read the kept codes in place with the position of their
-rank among the kept ones, the straight-through keep mask weighting their cross-attention's
-softmax (`VQDecoder.decode_features(policy=...)`), their UNet heads frozen (trained in
-stage 3). The codebook is
-BEiT-v2's norm-EMA (counts and sums all-reduced over ranks, so every rank keeps the same
-codebook) or trained by gradient and re-normalised; both start from spherical k-means on
-the encoder outputs of the first `init_batches` batches; a code unused for `dead_after`
-steps is re-drawn from the step's kept encoder outputs (the same draw on every rank).
+centred (`center_features`: the mean feature of the first `init_batches` batches is folded
+into the last block's `mlp.fc2.bias`, exactly, and the shifted EVA is exported); the
+selection is a straight-through hard Gumbel-softmax draw (`gumbel_tau`), the decision term
+pushes each keep probability away from 1/2 (so that inference's deterministic rule keeps
+about `keep_ratio`); the codebook lookup is straight-through; the decoders read the kept
+codes in place with the position of their rank among the kept ones, the straight-through
+keep mask weighting their cross-attention's softmax (`VQDecoder.decode_features(policy=...)`),
+their UNet heads frozen (trained in stage 3). The codebook is BEiT-v2's norm-EMA (counts and
+sums all-reduced over ranks, so every rank keeps the same codebook) or trained by gradient
+and re-normalised; both start from spherical k-means on the tokenizer's outputs for the
+first `init_batches` batches; a code unused for `dead_after` steps is re-drawn from the
+step's kept encoder outputs (the same draw on every rank).
 
 One difference from the MLX stage, only with several ranks: the mean keep fraction and the
 kept-token counts that normalise the codebook terms are the global batch's (all-reduced;
@@ -118,8 +120,6 @@ class TokenizerTraining(nn.Module):
         self.loss_config, self.world, self.steps = loss, world, steps
         self.codebook_size = tokenizer.config.codebook_size
         self.register_buffer("idle", torch.zeros(self.codebook_size, dtype=torch.int64))  # steps since last use
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # optimizer steps taken
-        self.register_buffer("feature_mean", torch.zeros(eva.config.width))  # mu, set from the first batches
 
     def train(self, mode: bool = True):
         """Training mode for what trains; the frozen encoders stay in inference mode."""
@@ -128,13 +128,6 @@ class TokenizerTraining(nn.Module):
             frozen.eval()
         return self
 
-    def noise_scale(self) -> torch.Tensor:
-        """noise_start to noise_end over the first `noise_until` of the steps, then held (the MLX
-        stage's schedule: shrinking the noise moves training onto inference's deterministic rule)."""
-        cfg = self.loss_config
-        progress = (self.step.float() / max(1.0, cfg.noise_until * self.steps)).clamp(max=1.0)
-        return cfg.noise_start + (cfg.noise_end - cfg.noise_start) * progress
-
     def targets(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             dtype = self.eva.patch_embed.proj.weight.dtype
@@ -142,12 +135,13 @@ class TokenizerTraining(nn.Module):
 
     def forward(self, batch: Dict[str, torch.Tensor]):
         cfg, world = self.loss_config, self.world
-        features = self.targets(batch["pixels"])
-        target = features - self.feature_mean
+        target = self.targets(batch["pixels"])
         B, N = target.shape[:2]
-        # the noise of the global batch, this rank's rows: any world size draws the same per sample
-        noise = gumbel_noise((world.size * B, N, 2), device=target.device)[world.rank_slice(B)]
-        out = self.tokenizer(features, noise=self.noise_scale() * noise, tau=cfg.gumbel_tau)
+        # the Gumbel noise of the global batch, this rank's rows: any world size draws the same per
+        # sample (none in inference mode: the deterministic rule)
+        noise = gumbel_noise((world.size * B, N, 2), device=target.device)[world.rank_slice(B)] \
+            if self.tokenizer.training else None
+        out = self.tokenizer(target, noise=noise, tau=cfg.gumbel_tau)
         kept = out.keep.detach()  # the forward values: exactly 0 or 1
         positions = kept_positions(kept)
         metrics = {}
@@ -161,16 +155,18 @@ class TokenizerTraining(nn.Module):
         # mean keep fraction of the global batch; the gradient reaches every rank's selector
         keep_fraction = world.differentiable_sum(out.keep.sum()) / (world.size * B * N)
         ratio = (keep_fraction - cfg.keep_ratio) ** 2
+        keep_probability = out.logprobs[..., 0].exp()
+        indecision = (keep_probability * (1.0 - keep_probability)).mean()
         count = kept_sum.clamp_min(1.0) / world.size  # DDP averages: sum over ranks / global count
         rows = self.tokenizer.quantize.embedding(out.codes)
         commitment = (kept * ((out.z - rows.detach()) ** 2).sum(dim=-1)).sum() / count
-        loss = loss + cfg.keep_weight * ratio + cfg.commitment * commitment
+        loss = loss + cfg.keep_weight * ratio + cfg.commitment * commitment + cfg.decision_weight * indecision
         if cfg.codebook == "gradient":
             codebook = (kept * ((out.z.detach() - rows) ** 2).sum(dim=-1)).sum() / count
             loss = loss + cfg.codebook_weight * codebook
             metrics["codebook"] = codebook
         metrics.update({
-            "keep_ratio_loss": ratio, "noise_scale": self.noise_scale(), "commitment": commitment,
+            "keep_ratio_loss": ratio, "indecision": indecision, "commitment": commitment,
             "keep_fraction": keep_fraction, "tokens_per_image": kept_sum / (world.size * B),
             "dead_codes": (self.idle >= cfg.dead_after).sum(),
             # tensors for `after_step` (not logged)
@@ -205,7 +201,6 @@ class TokenizerTraining(nn.Module):
                 codebook = torch.where(dead[:, None], drawn, codebook)
                 idle = torch.where(dead, 0, idle)
         self.idle.copy_(idle)
-        self.step += 1
         assign_full(weight, codebook)
         metrics["perplexity"] = perplexity(counts)
         metrics["codes_used"] = (counts > 0).sum()
@@ -259,9 +254,8 @@ class TokenizerStage(Stage):
         self.model_config: TokenizerModel = config.model
         self.loss_config: TokenizerLoss = config.loss
         self.init_folder = Path(self.model_config.init).expanduser()
+        # frozen, in float32 (its last bias carries the centring; autocast computes in bf16 on CUDA)
         eva = release.load_eva(self.init_folder, launch.vision_heads).requires_grad_(False).eval()
-        if world.cuda:
-            eva = eva.to(world.device, torch.bfloat16)  # frozen: no master weights needed
         self.lavit_config = tokenizer_config(self.model_config, eva.config)
         tokenizer = DynamicVisualTokenizer(self.lavit_config.tokenizer, quantizer=True)
         with torch.no_grad():
@@ -295,9 +289,13 @@ class TokenizerStage(Stage):
         return [self.module.eva]
 
     def saved_keys(self, key: str) -> bool:
-        """Trained parameters, the codebook (moved by `after_step` in EMA mode), the buffers."""
-        return (super().saved_keys(key) or key == "tokenizer.quantize.embedding.weight"
-                or key in ("idle", "step", "feature_mean"))
+        """Trained parameters, the codebook (moved by `after_step` in EMA mode), the code idle
+        counters and the EVA bias that carries the centring."""
+        return (super().saved_keys(key) or key in ("tokenizer.quantize.embedding.weight", "idle", self.centring_key))
+
+    @property
+    def centring_key(self) -> str:
+        return f"eva.blocks.{len(self.module.eva.blocks) - 1}.mlp.fc2.bias"
 
     # ----- data
     def batches(self):
@@ -313,29 +311,30 @@ class TokenizerStage(Stage):
     # ----- the step's edges
     @torch.no_grad()
     def before_training(self) -> None:
-        """The feature mean and the spherical k-means codebook, from the encoder outputs (every
-        position, deterministic selection) of the first `init_batches` training batches, read by
-        a second loader so that the training cursor does not move; the same on every rank (the
-        points are all-gathered)."""
+        """From the encoder's outputs on the first `init_batches` training batches: the feature
+        mean folded into EVA's last bias (`center_features`), then spherical k-means of the
+        tokenizer's outputs (every position, deterministic selection). A second loader reads them,
+        so the training cursor does not move; they are all-gathered so that every rank does the same."""
         cfg = self.loss_config
         if cfg.init_batches <= 0:
             return
         module = self.module
-        tokenizer = module.tokenizer
-        tokenizer.eval()
-        features, points = [], []
-        for batch in islice(iter(self._loader(self.config.data.train, workers=0)), cfg.init_batches):
-            patch_features = module.targets(batch["pixels"].to(self.world.device))
-            z = tokenizer(patch_features).z
-            features.append(patch_features.reshape(-1, patch_features.shape[-1]))
-            points.append(z.reshape(-1, z.shape[-1]))
-        tokenizer.train()
-        features, points = self.world.all_gather(torch.cat(features)), self.world.all_gather(torch.cat(points))
-        if cfg.center_targets:
-            module.feature_mean.copy_(features.mean(dim=0))
+        loader = self._loader(self.config.data.train, workers=0)
+        features = torch.cat([module.targets(batch["pixels"].to(self.world.device))
+                              for batch in islice(iter(loader), cfg.init_batches)])
+        features = self.world.all_gather(features)
+        if cfg.center_features:
+            mean = features.mean(dim=(0, 1))
+            fc2 = module.eva.blocks[-1].mlp.fc2
+            fc2.bias.sub_(mean.to(fc2.bias.dtype))  # the residual stream ends with this bias: EVA's output - mean
+            features = features - mean
         if cfg.kmeans_iters > 0:
-            generator = torch.Generator(device=points.device).manual_seed(self.config.train.seed + 1)
-            centroids = spherical_kmeans(points, module.codebook_size, cfg.kmeans_iters, generator)
+            tokenizer = module.tokenizer
+            tokenizer.eval()
+            z = tokenizer(features).z
+            tokenizer.train()
+            generator = torch.Generator(device=z.device).manual_seed(self.config.train.seed + 1)
+            centroids = spherical_kmeans(z.reshape(-1, z.shape[-1]), module.codebook_size, cfg.kmeans_iters, generator)
             tokenizer.quantize.embedding.weight.copy_(centroids)
 
     @torch.no_grad()
@@ -363,9 +362,8 @@ class TokenizerStage(Stage):
         module.eval()
         with unsharded(model):
             for batch, counted in even_batches(loader, self.world, self.config.train.eval_batches):
-                features = module.targets(batch["pixels"].to(self.world.device))
-                target = features - module.feature_mean
-                out = module.tokenizer(features)
+                target = module.targets(batch["pixels"].to(self.world.device))
+                out = module.tokenizer(target)
                 positions = kept_positions(out.keep)
                 decoded = {name: getattr(module, name).decode_features(out.quantized, out.keep, positions)
                            for name in module.decoder_names}
