@@ -99,3 +99,67 @@ def write_release_checkpoint(out: Path, spec: TinySpec = TinySpec()) -> Path:
     }
     (out / "language_model" / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def write_training_fixture(out: Path, width: int = 64, heads: int = 4, image_size: int = 56, patch: int = 14,
+                           codebook: int = 256, images: int = 64, seed: int = 0) -> dict:
+    """Starting points of the three training stages at a small size, for benchmarks and smoke runs.
+
+    Writes `release/` (EVA, tokenizer, high-res VQ decoder in the released layout, float32),
+    `pixel/` (a small diffusers VAE and a DDIM scheduler config), `text/` (a 256-piece
+    sentencepiece model) and `data/train.jsonl` with `images` random pictures.
+
+    Returns:
+        {"release", "pixel", "text", "data", "model", "unet"}: paths, and the `model:` keys of a
+        tokenizer run and the UNet sizes of a pixel run at this size.
+    """
+    import io
+
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from lavit_mlx.config import VQDecoderConfig
+    from lavit_mlx.shapes import train_text_tokenizer
+
+    from .models.vq_decoder import VQDecoder
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    eva_config = EVAConfig(width=width, depth=2, num_heads=heads, mlp_dim=mlp_width(width), patch_size=patch,
+                           image_size=image_size, head_dim_out=width)
+    tokenizer_config = TokenizerConfig(width=width, merger_depth=2, num_heads=heads, mlp_dim=mlp_width(width),
+                                       codebook_size=codebook, code_dim=16)
+    decoder_config = VQDecoderConfig(highres=True, width=width, depth=2, num_heads=heads, mlp_dim=mlp_width(width),
+                                     code_dim=16, num_patches=eva_config.num_patches, feature_dim=width,
+                                     context_dims=(32, 32), pooled_dim=32)
+    modules = {"eva": EVAVisionTransformer(eva_config), "tokenizer": DynamicVisualTokenizer(tokenizer_config),
+               "highres_decoder": VQDecoder(decoder_config)}
+    for name, module in modules.items():
+        _randomize(module)
+        _save(module.state_dict(), out / "release" / RELEASE_FILES[name], torch.float32)
+    vae = {"block_out_channels": [16, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
+           "up_block_types": ["UpDecoderBlock2D"] * 2, "latent_channels": 4, "norm_num_groups": 8}
+    AutoencoderKL(**vae).save_pretrained(out / "pixel" / "vae")
+    scheduler = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    (out / "pixel" / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "pixel" / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    text = train_text_tokenizer(out / "text").parent
+    rng = np.random.default_rng(seed)
+    (out / "data" / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(images):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)).save(buffer, "PNG")
+        (out / "data" / "images" / f"{i:05d}.png").write_bytes(buffer.getvalue())
+        lines.append(json.dumps({"image": f"images/{i:05d}.png", "text": f"a picture number {i % 9}"}))
+    (out / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    model = {"merger_depth": 2, "num_heads": heads, "codebook_size": codebook, "code_dim": 16,
+             "highres_decoder": {"width": width, "depth": 2, "num_heads": heads, "context_dims": [32, 32],
+                                 "pooled_dim": 32}}
+    unet = {"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8,
+            "attention_head_dim": 8, "addition_time_embed_dim": 8, "sample_size": 16}
+    return {"release": out / "release", "pixel": out / "pixel", "text": text, "data": out / "data" / "train.jsonl",
+            "model": model, "unet": unet}

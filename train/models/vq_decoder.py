@@ -13,7 +13,7 @@ attention pool (SDXL's text_embeds).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,14 @@ def padded_attend(bias: torch.Tensor):
     return attend
 
 
+def policy_attend(visible: torch.Tensor):
+    """Softmax attention weighted by `visible` (B, 1, 1, T) on the keys (training's straight-through
+    keep mask; the merger's rule with the release's epsilon terms)."""
+    from .visual_tokenizer import policy_attend as merger_attend
+
+    return merger_attend(visible)
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, config: VQDecoderConfig):
         super().__init__()
@@ -46,9 +54,9 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(w, eps=config.eps)
         self.mlp = Mlp(w, config.mlp_dim)
 
-    def forward(self, queries, codes, code_bias):
+    def forward(self, queries, codes, attend):
         queries = queries + self.self_attn(self.norm0(queries))
-        queries = queries + self.cross_attn(self.norm1(queries), codes, padded_attend(code_bias))
+        queries = queries + self.cross_attn(self.norm1(queries), codes, attend)
         return queries + self.mlp(self.norm2(queries))
 
 
@@ -109,17 +117,48 @@ class VQDecoder(nn.Module):
         if longest > self.config.num_patches:
             raise ValueError(f"{longest} visual tokens exceed the decoder's {self.config.num_patches} positions")
         dtype = self.in_proj.weight.dtype
-        codes = torch.stack([
-            F.pad(self.in_proj(rows.to(dtype)), (0, 0, 0, longest - len_)) for rows, len_ in zip(code_rows, lengths)
-        ]) + self.pos_embed[:, :longest]  # (B, T, width); padded rows are zero + position
-        valid = torch.arange(longest, device=codes.device)[None, :] < torch.tensor(lengths, device=codes.device)[:, None]
-        code_bias = torch.where(valid, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, T)
+        padded = torch.stack([F.pad(rows.to(dtype), (0, 0, 0, longest - length))
+                              for rows, length in zip(code_rows, lengths)])  # (B, T, code_dim)
+        valid = (torch.arange(longest, device=padded.device)[None, :]
+                 < torch.tensor(lengths, device=padded.device)[:, None]).to(dtype)
+        return self.unet_condition(self.decode_features(padded, valid))
 
-        x = self.query_embed.expand(len(code_rows), *self.query_embed.shape[1:])
+    def decode_features(self, codes: torch.Tensor, mask: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                        policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The trunk and `decode_task_layer` on a padded batch: ViT-like features (B, num_patches, feature_dim).
+
+        Args:
+            codes: (B, T, code_dim) codebook rows (anything where `mask` is 0).
+            mask: (B, T) 1 for a code, 0 for padding (its keys get PAD_BIAS, as the release's).
+            positions: (B, T) index into `pos_embed` of each code; default 0..T-1, the
+                inference layout. Training passes each kept token's rank among the kept ones
+                with the tokens left in place: cross-attention does not depend on the order
+                of its keys, so this equals the compacted sequence.
+            policy: training only: the keep mask with its straight-through gradient, used as
+                weights on the keys' softmax instead of the padding bias (the merger's rule).
+                Its forward values are `mask`'s, so the result equals the padded one (up to
+                that rule's 1e-6 epsilon), and the gradient tells the selector what each
+                token's code is worth to the reconstruction.
+        """
+        T = codes.shape[1]
+        tokens = self.in_proj(codes)
+        if policy is None:
+            tokens = tokens * mask[..., None].to(codes.dtype)  # padded rows are zero + position
+            attend = padded_attend(torch.where(mask > 0, 0.0, PAD_BIAS)[:, None, None, :])  # (B, 1, 1, T)
+        else:
+            attend = policy_attend(policy[:, None, None, :])
+        if positions is None:
+            tokens = tokens + self.pos_embed[:, :T]
+        else:
+            tokens = tokens + self.pos_embed[0][positions]
+        x = self.query_embed.expand(codes.shape[0], *self.query_embed.shape[1:])
         for block in self.blocks:
-            x = block(x, codes, code_bias)
-        x = self.decode_task_layer(self.norm(x))  # (B, num_patches, feature_dim)
+            x = block(x, tokens, attend)
+        return self.decode_task_layer(self.norm(x))  # (B, num_patches, feature_dim)
+
+    def unet_condition(self, features: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """The UNet heads on decoded features: low-res context, or high-res (prompt_embeds, pooled)."""
         if not self.config.highres:
-            return self.unet_proj(x)
-        prompt_embeds = torch.cat([self.unet_proj_1(x), self.unet_proj_2(x)], dim=-1)
-        return prompt_embeds, self.unet_attnpool(x)
+            return self.unet_proj(features)
+        prompt_embeds = torch.cat([self.unet_proj_1(features), self.unet_proj_2(features)], dim=-1)
+        return prompt_embeds, self.unet_attnpool(features)
