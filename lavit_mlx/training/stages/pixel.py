@@ -55,7 +55,7 @@ from ...config import (EVAConfig, LaVITConfig, PixelConfig, TokenIds, TokenizerC
 from ...errors import LaVITError
 from ...image_processing import preprocess
 from ...models.unet import UNet2DConditionModel, UNetConfig
-from ...models.vq_decoder import PAD_BIAS, VQDecoder
+from ...models.vq_decoder import VQDecoder
 from ...schedulers import NoiseScheduleConfig, alphas_cumprod
 from ..config import RunConfig, register_stage
 from ..loop import Stage, World
@@ -230,16 +230,8 @@ class PixelTrainee(nn.Module):
     def features(self, codes: mx.array, valid: mx.array) -> mx.array:
         """The decoder trunk on padded codes (B, N) with `valid` (B, N): (B, num_patches,
         feature_dim), as `VQDecoder.__call__` computes it for the unpadded rows."""
-        d = self.decoder
         rows = self.codebook[codes]  # (B, N, code_dim)
-        tokens = mx.where(valid[..., None], d.in_proj(rows), 0.0) + d.pos_embed[:, :codes.shape[1]]
-        bias = mx.where(valid, 0.0, PAD_BIAS)[:, None, None, :]  # (B, 1, 1, N)
-        x = mx.broadcast_to(d.query_embed, (codes.shape[0], *d.query_embed.shape[1:]))
-        for block in d.blocks:
-            x = block(x, tokens, bias)
-        x = d.norm(x)
-        for layer in d.decode_task_layer:
-            x = layer(x)
+        x = self.decoder.decode_features(rows, valid.astype(rows.dtype))
         return mx.stop_gradient(x) if self.decoder_trunk_frozen else x
 
     def conditioning(self, codes: mx.array, valid: mx.array):
