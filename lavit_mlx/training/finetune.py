@@ -159,9 +159,11 @@ def estimate_memory(options: FinetuneOptions) -> str:
     bits = options.bits or (stored["bits"] if stored else None)
     rows = config.token_ids.vocab_size - config.token_ids.num_text if (
         options.visual_rows or (options.visual_rows is None and options.task in ("generate", "mixed"))) else 0
+    dtype = _stored_dtype(checkpoint.folder("llm")) or "float16"  # the LLM loads in its stored dtype
     estimate = qlora_memory(config.llm, bits=bits, rank=options.rank, layers=options.layers,
-                            batch=options.batch_size, sequence=options.max_length, visual_rows=rows)
-    base = f"{bits}-bit" if bits else "float16"
+                            batch=options.batch_size, sequence=options.max_length, visual_rows=rows,
+                            float_bytes=4 if dtype == "float32" else 2)
+    base = f"{bits}-bit ({dtype} scales)" if bits else dtype
     return f"{base} base, batch {options.batch_size} x {options.max_length} tokens: {describe_memory(estimate)}"
 
 

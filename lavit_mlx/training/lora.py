@@ -293,20 +293,24 @@ class MemoryEstimate:
 
 def qlora_memory(llm: LLMConfig, bits: Optional[int] = 4, group_size: int = 64, rank: int = 8,
                  layers: int = -1, batch: int = 1, sequence: int = 512, activation_bytes: int = 2,
-                 visual_rows: int = 0, generated: int = 256) -> MemoryEstimate:
+                 visual_rows: int = 0, generated: int = 256, float_bytes: int = 2) -> MemoryEstimate:
     """Memory of LoRA fine-tuning the LLM described by `llm` (no weights needed).
 
     Args:
         llm: the LLaMA config (the release's: `LLMConfig()` defaults).
         bits: 4 or 8 for QLoRA (every linear, the embedding and the head quantized, as
-            `--quantize` does), None for a float16 base.
-        group_size: quantization group (a float16 scale and bias per group).
+            `--quantize` does), None for an unquantized base (`float_bytes` a weight).
+        group_size: quantization group (a scale and a bias per group).
         rank, layers: LoRA rank, and blocks with adapters (-1: all), on the 7 linears of a block.
         batch, sequence: the micro-batch.
         activation_bytes: 2 for float16 compute (Apple GPU), 4 for float32 (this CPU path).
         visual_rows: rows trained in full (2 + codebook for a freshly grown vocabulary; 0 when
             the LaVIT checkpoint's rows are kept).
         generated: image tokens decoded afterwards (for the KV cache; guidance doubles the batch).
+        float_bytes: bytes of the base's floating tensors, i.e. of the dtype it is loaded in (2:
+            float16 or bfloat16, as the release is stored; 4: float32): the whole base when it is
+            not quantized, otherwise the quantization's scales and biases (`mx.quantize` gives
+            them the weight's dtype) and the norms.
     """
     h, inter, depth, vocab = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.vocab_size
     heads = llm.num_attention_heads
@@ -317,8 +321,9 @@ def qlora_memory(llm: LLMConfig, bits: Optional[int] = 4, group_size: int = 64, 
     linear_shapes = [(h, h), (h, kv_width), (h, kv_width), (h, h), (h, inter), (h, inter), (inter, h)]
     block_params = sum(a * b for a, b in linear_shapes)
     matrices = depth * block_params + 2 * vocab * h  # + embedding and untied head
-    per_weight = (bits + 32 / group_size) / 8 if bits else 2.0  # packed bits + float16 scale and bias
-    weights = int(matrices * per_weight + (2 * depth + 1) * h * 2)
+    # packed bits + a scale and a bias per group, in the base's dtype
+    per_weight = (bits + 2 * 8 * float_bytes / group_size) / 8 if bits else float_bytes
+    weights = int(matrices * per_weight + (2 * depth + 1) * h * float_bytes)  # + the RMSNorm weights
     adapted = depth if layers == -1 else min(layers, depth)
     lora_params = adapted * sum(rank * (a + b) for a, b in linear_shapes)
     row_params = 2 * visual_rows * h

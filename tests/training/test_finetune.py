@@ -190,10 +190,16 @@ def test_the_memory_model_counts_what_mlx_lm_builds():
     config = LLMConfig.from_hf({"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
                                 "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 512})
     ids = TokenIds(num_text=400, codebook_size=110)
-    llama = build_llama(config)
-    quantize_model(llama, 4, 64)
-    estimate = qlora_memory(config, bits=4, rank=8, layers=2, visual_rows=ids.vocab_size - ids.num_text)
-    assert abs(estimate.weights - weight_bytes(llama)) / weight_bytes(llama) < 0.02
+    rows = ids.vocab_size - ids.num_text
+    # the scales, biases and norms are in the dtype the base is loaded in: float32 as
+    # build_llama makes it, float16 as the release is stored (and `load(dtype=float16)` casts)
+    for dtype in (mx.float32, mx.float16):
+        llama = build_llama(config)
+        quantize_model(llama, 4, 64, dtype=dtype)
+        estimate = qlora_memory(config, bits=4, rank=8, layers=2, visual_rows=rows, float_bytes=dtype.size)
+        assert abs(estimate.weights - weight_bytes(llama)) / weight_bytes(llama) < 0.02, dtype
+        unquantized = build_llama(config).apply(lambda w: w.astype(dtype))
+        assert qlora_memory(config, bits=None, float_bytes=dtype.size).weights == weight_bytes(unquantized)
     apply_lora(llama, LoRASection(rank=8, layers=2, visual_rows=True), ids)
     assert trainable_count(llama) == estimate.trainable
 
