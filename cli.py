@@ -35,7 +35,8 @@ Bits = Literal["4", "8"]
 
 ModelOption = typer.Option(
     None, "--model", "-m",
-    help=f"LaVIT checkpoint: an MLX folder (lavit convert) or the released layout. Default: ${MODEL_ENV}.",
+    help=f"LaVIT checkpoint: an MLX folder (lavit convert) or the released layout. Default: ${MODEL_ENV}, "
+         "else the bundled shapes-world model.",
     show_default=False,
 )
 VisionHeadsOption = typer.Option(
@@ -113,12 +114,10 @@ class Reporter:
 
 # ------------------------------------------------------------------------- model
 def _model_path(model: Optional[Path]) -> Path:
-    from lavit_mlx.errors import LaVITError
+    from lavit_mlx.zoo import bundled_model
 
     path = model or (Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else None)
-    if path is None:
-        raise LaVITError(f"no model given: pass --model DIR or set {MODEL_ENV}")
-    return path
+    return path if path is not None else bundled_model()
 
 
 def _open_model(model: Optional[Path], vision_heads: Optional[int], quantize: Optional[str] = None,
@@ -127,7 +126,10 @@ def _open_model(model: Optional[Path], vision_heads: Optional[int], quantize: Op
 
     bits = int(quantize) if quantize else None
     lavit = load(_model_path(model), vision_heads=vision_heads, quantize=bits, adapter=adapter)
-    _note(f"model: {lavit.checkpoint.describe()}" + (f", adapter {adapter}" if adapter else ""))
+    from lavit_mlx.zoo import BUNDLED_NAME, is_bundled
+
+    named = f"{BUNDLED_NAME} (bundled) " if is_bundled(lavit.checkpoint.path) else ""
+    _note(f"model: {named}{lavit.checkpoint.describe()}" + (f", adapter {adapter}" if adapter else ""))
     if bits:
         with _stderr().status(f"loading the LLM ({bits}-bit)"):
             report = lavit.llm.quantization
@@ -183,9 +185,14 @@ def info(
     from lavit_mlx.cpu.runtime import describe_runtime
     from lavit_mlx.errors import LaVITError
 
+    from lavit_mlx.zoo import BUNDLED_MODEL, model_name
+
     report, warnings = describe_runtime()
     for key, value in report.items():
         typer.echo(f"{key:<12} {value}")
+    default = Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else BUNDLED_MODEL
+    typer.echo(f"{'default':<12} {model_name(default)}" + ("" if (default / "config.json").exists()
+                                                            or default != BUNDLED_MODEL else " [missing]"))
     if model is not None:
         lavit = _open_model(model, vision_heads)
         for key, value in lavit.describe().items():
@@ -692,23 +699,55 @@ def plot(
 
 
 # ------------------------------------------------------------------------- training
-Stage = Literal["encoder", "tokenizer", "llm", "pixel", "vae"]
+Stage = Literal["encoder", "tokenizer", "llm", "pixel", "vae", "shapes"]
+BuildStage = Literal["data", "encoder", "tokenizer", "select", "vae", "llm", "pixel", "compose"]
 
 
 @app.command(name="train")
 def train_command(
     stage: Stage = typer.Argument(..., help="The stage to train: encoder, tokenizer (stage 1), llm (stage 2), "
-                                            "pixel (stage 3) or vae."),
+                                            "pixel (stage 3), vae; or shapes: the bundled model from nothing "
+                                            "(every stage on the shapes world, then the float16 folder)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", show_default=False,
-                                          help="The run's YAML file (stage, out, model, data, train, loss)."),
+                                          help="The run's YAML file (stage, out, model, data, train, loss). "
+                                               "Not with shapes (its stages use lavit_mlx/shapes/configs)."),
     overrides: List[str] = typer.Option([], "--set", show_default=False,
-                                        help="Override a config value, e.g. --set train.steps=100 (repeatable)."),
+                                        help="Override a config value, e.g. --set train.steps=100 (repeatable); "
+                                             "with shapes prefix the stage: --set llm.train.steps=100."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", show_default=False,
+                                       help="The run folder (the config's `out`). shapes: default runs/shapes."),
+    seed: Optional[int] = typer.Option(None, "--seed", show_default=False,
+                                       help="train.seed, 0..4294967295 (shapes: also the world's seed; default 0)."),
+    stop_after: Optional[BuildStage] = typer.Option(None, "--stop-after", show_default=False,
+                                                    help="shapes only: the last step to run."),
+    steps_scale: float = typer.Option(1.0, "--steps-scale", help="shapes only: every stage's steps times this "
+                                                                 "(0.05: a quick trial build)."),
+    scenes: int = typer.Option(6000, "--scenes", help="shapes only: training scenes rendered."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore the run folder's checkpoints (default: resume from the latest)."),
 ):
-    """Train one LaVIT stage in MLX (resumes from the run folder's latest checkpoint)."""
+    """Train one LaVIT stage in MLX (resumes from the run folder's latest checkpoint), or build the shapes model."""
+    from lavit_mlx.seeding import check_seed
+
+    if seed is not None:
+        check_seed(seed)
+    if stage == "shapes":
+        from lavit_mlx.errors import LaVITError
+        from lavit_mlx.shapes.build import BuildOptions, build, parse_overrides
+
+        if config is not None:
+            raise LaVITError("--config: the shapes build reads its own configs (use --set STAGE.KEY=VALUE)")
+        out = out or Path("runs/shapes")
+        if fresh and out.exists():
+            raise LaVITError(f"--fresh: remove {out} yourself to rebuild from nothing (it is not deleted for you)")
+        options = BuildOptions(out=out, seed=seed or 0, train_scenes=scenes, steps_scale=steps_scale,
+                               overrides=parse_overrides(overrides), stop_after=stop_after)
+        options.check()
+        typer.echo(str(build(options, log=_note)))
+        return
     from lavit_mlx.training import run
 
-    last = run(stage, config, overrides, resume=not fresh)
+    extra = ([f"out={out}"] if out else []) + ([f"train.seed={seed}"] if seed is not None else [])
+    last = run(stage, config, list(overrides) + extra, resume=not fresh)
     if last:
         typer.echo(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
                             if k != "time"))

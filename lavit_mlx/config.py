@@ -125,6 +125,10 @@ class TokenizerConfig(_Config):
     codebook_size: int = 16384
     code_dim: int = 32
     eps: float = 1e-5
+    # The deterministic selection keeps a patch when p(keep) > keep_threshold. 0.5 is the
+    # release's rule (logp[keep] > logp[drop]); a trained model may store the threshold that
+    # keeps its target fraction rho (the shapes build calibrates it: lavit_mlx/shapes/build.py).
+    keep_threshold: float = 0.5
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple], num_heads: Optional[int],

@@ -11,6 +11,8 @@ The merger's masked softmax keeps the official epsilon terms exactly:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -254,11 +256,15 @@ class DynamicVisualTokenizer(nn.Module):
                noise: Optional[mx.array] = None, tau: float = 1.0) -> mx.array:
         """Keep mask (B, N) from selector log-probabilities.
 
-        Deterministic: keep where logp[keep] > logp[drop]. Sampled (or given `noise`): a
-        hard Gumbel-softmax draw with a straight-through gradient.
+        Deterministic: keep where logp[keep] > logp[drop] (the release's rule), or where
+        p(keep) > `config.keep_threshold` when the model stores another threshold. Sampled
+        (or given `noise`): a hard Gumbel-softmax draw with a straight-through gradient.
         """
         if noise is None and not sample:
-            return (logprobs[..., 0] > logprobs[..., 1]).astype(mx.float32)
+            threshold = getattr(self.config, "keep_threshold", 0.5)
+            if threshold == 0.5:
+                return (logprobs[..., 0] > logprobs[..., 1]).astype(mx.float32)
+            return (logprobs[..., 0] > math.log(threshold)).astype(mx.float32)
         if noise is None:
             noise = gumbel_noise(logprobs.shape, key)
         return hard_gumbel_keep(logprobs, noise, tau)
@@ -298,7 +304,9 @@ class DynamicVisualTokenizer(nn.Module):
         if self.has_quantizer:
             out.z = self.encode(merged)
             out.distances = self.quantize.distances(out.z)
-            out.codes = mx.argmin(out.distances, axis=-1)
+            # integer indices: no gradient flows through an argmin, and a gather cannot differentiate
+            # with respect to its indices (the codebook term reads `embedding(codes)` under value_and_grad)
+            out.codes = mx.stop_gradient(mx.argmin(out.distances, axis=-1))
             rows = self.quantize.embedding(out.codes)
             # straight-through: the forward value is the code, the gradient reaches z
             out.quantized = out.z + mx.stop_gradient(rows - out.z) if self.training else rows

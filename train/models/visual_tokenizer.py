@@ -13,6 +13,8 @@ The merger's masked softmax keeps the official epsilon terms exactly:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -233,11 +235,15 @@ class DynamicVisualTokenizer(nn.Module):
                noise: Optional[torch.Tensor] = None, tau: float = 1.0) -> torch.Tensor:
         """Keep mask (B, N) from selector log-probabilities.
 
-        Deterministic: keep where logp[keep] > logp[drop]. Sampled (or given `noise`): a
-        hard Gumbel-softmax draw with a straight-through gradient.
+        Deterministic: keep where logp[keep] > logp[drop] (the release's rule), or where
+        p(keep) > `config.keep_threshold` when the model stores another threshold. Sampled
+        (or given `noise`): a hard Gumbel-softmax draw with a straight-through gradient.
         """
         if noise is None and not sample:
-            return (logprobs[..., 0] > logprobs[..., 1]).to(torch.float32)
+            threshold = getattr(self.config, "keep_threshold", 0.5)
+            if threshold == 0.5:
+                return (logprobs[..., 0] > logprobs[..., 1]).to(torch.float32)
+            return (logprobs[..., 0] > math.log(threshold)).to(torch.float32)
         if noise is None:
             noise = gumbel_noise(logprobs.shape, generator, logprobs.device)
         return hard_gumbel_keep(logprobs, noise, tau)
