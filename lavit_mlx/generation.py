@@ -7,7 +7,8 @@ and `image_detokenize.py`; settings and their defaults are LAVIT_REFERENCE.md se
 A multimodal prompt is a sequence of text pieces and images in the user's order; an
 image enters as its *discrete* visual ids without `[IMG]`/`[/IMG]`. Components load only
 when a stage needs them (no EVA for a text-only prompt) and `low_memory` frees the LLM
-before the UNet runs.
+before the UNet runs. Before anything loads, a size whose pixel decoding cannot fit in
+memory is refused in one line (`check_generation_memory`, estimated from the config).
 
 `generate_stages` is a generator of progress events; the CLI owns the progress bars.
 """
@@ -198,8 +199,8 @@ def prompt_ids(model, pieces: Sequence[Tuple[str, str]], low_memory: bool = Fals
     return ids
 
 
-def generate_stages(model, settings: GenerationSettings,
-                    prompts: Optional[Sequence[str]] = None) -> Iterator[Union[Progress, Done]]:
+def generate_stages(model, settings: GenerationSettings, prompts: Optional[Sequence[str]] = None,
+                    check_memory: bool = True) -> Iterator[Union[Progress, Done]]:
     """Run the pipeline; yields `Progress` events, then one `Done` with the images.
 
     Args:
@@ -207,16 +208,21 @@ def generate_stages(model, settings: GenerationSettings,
         settings: resolved or not (`resolved()` is applied).
         prompts: several text prompts at once, one image each (image i with seed + i;
             `settings.prompt`, `images` and `num_images` are then not used).
+        check_memory: refuse, before anything loads or runs, a size whose pixel
+            decoding cannot fit in memory (`check_generation_memory`; also off with
+            `LAVIT_MEMORY_LIMIT_GB=off`).
     """
     start = time.perf_counter()
     s = settings.resolved()
     s = s.resolved(model_defaults(model, s.decoder))
     highres = s.decoder == "highres"
+    if prompts is not None and not prompts:
+        raise LaVITError("no prompt to generate from")
+    if check_memory:
+        check_generation_memory(model, s, len(prompts) if prompts is not None else s.num_images)
     decoder = model.pixel_decoder(highres)
     decoder.check_size(s.height, s.width)
     if prompts is not None:
-        if not prompts:
-            raise LaVITError("no prompt to generate from")
         rows = [prompt_ids(model, prompt_pieces(p, [])) for p in prompts]
         s.num_images = len(rows)
         s.resolved()  # the seeds of every image must be valid
@@ -269,6 +275,143 @@ def model_defaults(model, decoder: str = "highres") -> Optional[DecodingDefaults
                             steps=int(own.get("steps", base.steps)), guidance=float(own.get("guidance", base.guidance)))
 
 
+# ------------------------------------------------------------------ memory, before any work
+UNCOND_TOKENS = 77
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def _stored_itemsize(folder: Path, default: int = 4) -> int:
+    """Bytes per float of the first floating tensor in a folder's safetensors header
+    (the header alone is read); `default` without one."""
+    import struct
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as stream:
+                (length,) = struct.unpack("<Q", stream.read(8))
+                header = json.loads(stream.read(min(length, 1 << 26)))
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_ITEMSIZE:
+                return _SAFETENSORS_ITEMSIZE[entry["dtype"]]
+    return default
+
+
+def _on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def pixel_memory_estimate(model, s: GenerationSettings, num_images: Optional[int] = None):
+    """(MemoryEstimate of denoising + VAE decoding at the settings' size, bytes of it
+    already resident) for `model`'s pixel decoder of `s.decoder`.
+
+    A loaded decoder is measured (its weights are resident); otherwise everything comes
+    from the config: the UNet and VAE are built unloaded (MLX arrays are lazy: nothing
+    is allocated) to count their parameters, in the dtype `loading` would give them
+    (float32 on the CPU, the stored dtype on a GPU). Nothing is read but config.json and
+    safetensors headers. None when the size is not one the decoder takes (its own check
+    then names the problem) or the checkpoint holds no such decoder.
+    """
+    from .memory import estimate_pixel_decoding, parameter_bytes
+    from .models.unet import UNet2DConditionModel, UNetConfig
+    from .models.vae import AutoencoderKL, VAEConfig
+
+    n = s.num_images if num_images is None else num_images
+    name = "highres_pixel" if s.decoder == "highres" else "lowres_pixel"
+    if name in model:
+        decoder = model[name]
+        if s.height % decoder.vae_scale_factor or s.width % decoder.vae_scale_factor:
+            return None
+        estimate = decoder.memory_estimate(s.height, s.width, n)
+        return estimate, estimate.breakdown["weights"]
+    part = model.config.component(name)
+    if part is None or not part.unet or not part.vae:
+        return None
+    unet_config, vae_config = UNetConfig.from_dict(part.unet), VAEConfig.from_dict(part.vae)
+    scale = 2 ** (len(vae_config.block_out_channels) - 1)
+    if s.height % scale or s.width % scale:
+        return None
+    cpu = _on_cpu()
+    quantization = model.checkpoint.quantization(name) or {}
+    unet_itemsize = 4 if cpu else _stored_itemsize(model.checkpoint.folder(name) / "unet")
+    bits, group = quantization.get("bits"), quantization.get("group_size", 64)
+    weights = (parameter_bytes(UNet2DConditionModel(unet_config), unet_itemsize, bits, group)
+               + parameter_bytes(AutoencoderKL(vae_config), 4, bits, group))
+    if name == "lowres_pixel":  # its unconditional embedding: CLIP's 77 tokens, float32
+        dim = unet_config.cross_attention_dim
+        weights += UNCOND_TOKENS * (dim if isinstance(dim, int) else max(dim)) * 4
+    estimate = estimate_pixel_decoding(unet_config, vae_config, s.height, s.width, n, unet_itemsize, weights,
+                                       cpu=cpu)
+    return estimate, 0
+
+
+def llm_weight_bytes(model) -> int:
+    """Bytes the LLM's weights will take once loaded (0 when it is loaded already or the
+    checkpoint has none), from its config: float32 on the CPU, the stored dtype on a GPU,
+    quantized as `load(quantize=...)` or the MLX folder says."""
+    from .memory import parameter_bytes
+    from .models.llm import build_llama
+
+    if "llm" in model or model.config.llm is None:
+        return 0
+    config = model.config.llm
+    itemsize = 4
+    if not _on_cpu():
+        itemsize = {"float16": 2, "bfloat16": 2}.get(str(config.extra.get("torch_dtype", "")), 4)
+    stored = model.checkpoint.quantization("llm") or {}
+    bits = stored.get("bits") or model.quantize
+    group = stored.get("group_size") or model.group_size
+    try:
+        return parameter_bytes(build_llama(config), itemsize, bits, group)
+    except (LaVITError, TypeError, ValueError):  # a config mlx-lm cannot build: loading will say why
+        return 0
+
+
+def check_generation_memory(model, s: GenerationSettings, num_images: Optional[int] = None, uses_llm: bool = True,
+                            available: Optional[int] = None) -> None:
+    """Refuse, in one LaVITError line, a generation whose pixel decoding cannot fit in
+    memory, before anything heavy loads or runs (`generate_stages` and
+    `reconstruct_stages` call it first).
+
+    The need is the pixel decoder's peak (`lavit_mlx.memory`: denoising, then the VAE,
+    weights included) plus, for text-to-image without `low_memory`, the LLM's weights,
+    which stay loaded meanwhile; with `low_memory` the LLM is freed first, and its
+    weights with the pixel decoder's must fit while the tokens are generated. What is
+    loaded already is not counted again. `available` defaults to
+    `memory.available_memory()` (at most `LAVIT_MEMORY_LIMIT_GB`); `LAVIT_MEMORY_LIMIT_GB=off`
+    skips the check.
+    """
+    from .memory import available_memory, check_pixel_memory, gib, memory_check_enabled
+
+    if not memory_check_enabled():
+        return
+    found = pixel_memory_estimate(model, s, num_images)
+    if found is None:
+        return
+    estimate, resident = found
+    available = available_memory() if available is None else available
+    advice = ["a smaller --width/--height"]
+    if s.decoder == "highres":
+        advice[0] += " or --ratio"
+    advice.append("fewer -n")
+    llm = llm_weight_bytes(model) if uses_llm else 0
+    kept = []
+    if llm and not s.low_memory:
+        kept.append(("the LLM's weights, loaded meanwhile", llm))
+        advice.append("--low-memory")
+    if s.decoder == "highres":
+        advice.append("--decoder lowres")
+    check_pixel_memory(estimate, available, resident, kept,
+                       "use " + ", ".join(advice[:-1]) + (", or " if len(advice) > 1 else "") + advice[-1])
+    if llm and s.low_memory:
+        pixel_weights = estimate.breakdown["weights"] - resident
+        if llm + pixel_weights > available:
+            raise LaVITError(f"the LLM's weights ({gib(llm)}) and the pixel decoder's ({gib(pixel_weights)}) are "
+                             f"loaded together while the image tokens are generated, but {gib(available)} is "
+                             "available: use --quantize 8 or 4")
+
+
 def initial_latents(decoder, s: GenerationSettings, count: int) -> mx.array:
     """N(0, 1) * init_noise_sigma latents; image i draws its noise from seed + i."""
     sampler = decoder.scheduler(s.scheduler)
@@ -289,13 +432,16 @@ def _denoise_and_decode(decoder, conditioning, s: GenerationSettings):
     return list(images)
 
 
-def reconstruct_stages(model, image, settings: GenerationSettings) -> Iterator[Union[Progress, Done]]:
+def reconstruct_stages(model, image, settings: GenerationSettings,
+                       check_memory: bool = True) -> Iterator[Union[Progress, Done]]:
     """Image -> discrete tokens -> pixels (the official `LaVITDetokenizer`); yields `Progress`,
-    then `Done`."""
+    then `Done`. `check_memory` as in `generate_stages`."""
     start = time.perf_counter()
     s = settings.resolved()
     s = s.resolved(model_defaults(model, s.decoder))
     highres = s.decoder == "highres"
+    if check_memory:
+        check_generation_memory(model, s, s.num_images, uses_llm=False)
     decoder = model.pixel_decoder(highres)
     decoder.check_size(s.height, s.width)
     tokens = model.tokenize([image])[0]

@@ -5,6 +5,9 @@ MLX cannot report an allocation it fails to make: on the CPU its allocator hands
 failed `malloc` to the kernel, which segfaults without a message; past what is free,
 the kernel's OOM killer ends the process. So a size that cannot fit must be refused
 before it runs: `check_pixel_memory` raises a one-line `LaVITError` saying what to change.
+`generation.check_generation_memory` does so before any generation or reconstruction
+loads or runs anything heavy; `LAVIT_MEMORY_LIMIT_GB` caps the memory it counts on
+("off" skips it).
 
 The estimate follows what the models compute (`models/unet.py`, `models/vae.py`,
 `models/diffusion_blocks.py`): it walks the UNet's and the VAE decoder's layers at
@@ -25,7 +28,7 @@ import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 from .errors import LaVITError
 
@@ -322,20 +325,71 @@ def estimate_pixel_decoding(unet_config, vae_config, height: int, width: int, nu
     return MemoryEstimate(height, width, num_images, denoise, decoding, max(denoise, decoding), breakdown)
 
 
+# The memory the check may count on, in GiB (at most what the machine has), or "off" to
+# skip the check before generation (`lavit_mlx.generation.check_generation_memory`).
+MEMORY_LIMIT_ENV = "LAVIT_MEMORY_LIMIT_GB"
+
+
+def memory_limit() -> Optional[int]:
+    """Bytes of `LAVIT_MEMORY_LIMIT_GB` (None when unset or "off"); a bad value is a
+    one-line LaVITError naming the variable."""
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not text or text.lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < float("inf")):
+        raise LaVITError(f"{MEMORY_LIMIT_ENV}={text!r}: expected a number of GiB > 0, or 'off'")
+    return int(value * GiB)
+
+
+def memory_check_enabled() -> bool:
+    """False when `LAVIT_MEMORY_LIMIT_GB=off`."""
+    return os.environ.get(MEMORY_LIMIT_ENV, "").strip().lower() != "off"
+
+
 def available_memory() -> int:
     """Bytes this process can still allocate: on Linux the smallest of the cgroup's
     remaining limit (v2 or v1), MemAvailable and the address-space limit (`ulimit -v`);
-    on macOS the GPU's recommended working set (Metal) or the physical memory."""
+    on macOS the GPU's recommended working set (Metal) or the physical memory; at most
+    `LAVIT_MEMORY_LIMIT_GB` when that is set."""
     if sys.platform == "darwin":
-        return _macos_memory()
-    candidates = [_meminfo_available(), cgroup_available(), _address_space_left()]
-    known = [c for c in candidates if c is not None]
-    if not known:
-        return _physical_memory()
-    return max(0, min(known))
+        found = _macos_memory()
+    else:
+        candidates = [_meminfo_available(), cgroup_available(), _address_space_left()]
+        known = [c for c in candidates if c is not None]
+        found = max(0, min(known)) if known else _physical_memory()
+    limit = memory_limit()
+    return found if limit is None else min(found, limit)
 
 
-def check_pixel_memory(estimate: MemoryEstimate, available: Optional[int] = None, resident: int = 0) -> None:
+def parameter_bytes(module, itemsize: int = 4, bits: Optional[int] = None, group_size: int = 64) -> int:
+    """Bytes the parameters of an unloaded module (built from its config: MLX arrays are
+    lazy, nothing is allocated) will take once loaded in `itemsize`-byte floats; with
+    `bits`, its Linear and Embedding layers quantized (packed weights, a scale and a bias
+    per group), as `nn.quantize` does for widths divisible by `group_size`."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    total = 0
+    for _, layer in tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module):
+        for name, value in tree_flatten(layer.parameters()):
+            quantized = (bits and hasattr(layer, "to_quantized") and name == "weight"
+                         and value.shape[-1] % group_size == 0)
+            if quantized:
+                total += value.size * bits // 8 + value.size // group_size * 2 * itemsize
+            else:
+                total += value.size * itemsize
+    return total
+
+
+ADVICE = "use a smaller --width/--height or --ratio, fewer -n, --low-memory, or --decoder lowres"
+
+
+def check_pixel_memory(estimate: MemoryEstimate, available: Optional[int] = None, resident: int = 0,
+                       kept: Sequence[Tuple[str, int]] = (), advice: str = ADVICE) -> None:
     """Raise a one-line LaVITError when `estimate` does not fit.
 
     Args:
@@ -343,19 +397,24 @@ def check_pixel_memory(estimate: MemoryEstimate, available: Optional[int] = None
         available: bytes available (default `available_memory()`).
         resident: bytes of the estimate already allocated (a loaded decoder's weights),
             which `available` no longer counts.
+        kept: (what, bytes) held besides pixel decoding while it runs and not allocated
+            yet (the LLM, kept loaded without --low-memory), named in the message.
+        advice: what to change, the end of the message.
     """
     available = available_memory() if available is None else available
-    needed = estimate.peak_bytes - resident
+    others = sum(n for _, n in kept)
+    needed = estimate.peak_bytes - resident + others
     if needed <= available:
         return
     images = f"{estimate.num_images} image{'s' if estimate.num_images != 1 else ''}"
     what = f"pixel decoding of {images} at {estimate.width}x{estimate.height} needs about "
     if resident:
-        what += f"{gib(needed)} more memory (peak {estimate.describe()}, weights loaded)"
+        what += f"{gib(estimate.peak_bytes - resident)} more memory (peak {estimate.describe()}, weights loaded)"
     else:
         what += estimate.describe()
-    raise LaVITError(f"{what}, but {gib(available)} is available: use a smaller --width/--height or --ratio, "
-                     "fewer -n, --low-memory, or --decoder lowres")
+    for name, n in kept:
+        what += f" plus {gib(n) if n >= GiB // 10 else f'{n / 2**20:.0f} MiB'} for {name}"
+    raise LaVITError(f"{what}, but {gib(available)} is available: {advice}")
 
 
 # ------------------------------------------------------------------------- platform probes
