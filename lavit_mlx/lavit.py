@@ -99,10 +99,15 @@ class LaVIT(nn.Module):
         raise LaVITError(f"unknown component {name!r}")
 
     def unload(self, *names: str) -> None:
-        """Free components (all when no name is given)."""
+        """Free components (all when no name is given). Their cached conv kernels
+        (`diffusion_blocks.DerivedWeights`) are dropped too, even where a caller still
+        holds the component."""
+        from .models.diffusion_blocks import release_derived_weights
+
         with self._lock:
             for name in names or list(self.loaded):
                 if name in self:
+                    release_derived_weights(self[name])
                     del self[name]
         mx.clear_cache()
 
@@ -297,10 +302,15 @@ class LaVIT(nn.Module):
         return describe(self)
 
 
-def load(path, components: Optional[Sequence[str]] = None, vision_heads: Optional[int] = None,
+def load(path=None, components: Optional[Sequence[str]] = None, vision_heads: Optional[int] = None,
          quantize: Optional[int] = None, group_size: int = 64, adapter=None) -> LaVIT:
-    """Open a LaVIT checkpoint folder (see `loading.load`)."""
+    """Open a LaVIT checkpoint folder (see `loading.load`); no path: the bundled model."""
     from .loading import load as _load
+
+    if path is None:
+        from .zoo import bundled_model
+
+        path = bundled_model()
 
     return _load(path, components=components, vision_heads=vision_heads, quantize=quantize, group_size=group_size,
                  adapter=adapter)

@@ -1,5 +1,5 @@
 """Building blocks shared by the UNet and the VAE, with diffusers semantics and key names:
-convolutions (CPU kernels cached per conv), GroupNorm, ResnetBlock2D, down/up samplers,
+convolutions (CPU kernels cached per conv in eval mode), GroupNorm, ResnetBlock2D, down/up samplers,
 attention, the transformer block of the UNet, and reading diffusers model folders.
 
 Follows diffusers 0.42 `models/resnet.py`, `models/attention.py`,
@@ -10,6 +10,8 @@ MLX's own operations elsewhere).
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,44 +42,106 @@ def as_mx(x, dtype=None) -> mx.array:
 
 # --------------------------------------------------------------------------- building blocks
 class DerivedWeights:
-    """CPU re-arrangements of a conv kernel (`lavit_mlx.cpu.conv.derived_weights`), kept per key until
-    the weight array is replaced.
+    """CPU re-arrangements of a conv kernel (`lavit_mlx.cpu.conv.derived_weights`, the Winograd
+    and folded forms), kept per key for the weight array they were made from.
+
+    Correct and bounded:
+    - only in eval mode: `Conv2d.cached` asks for a fresh form while the module trains
+      (its weight changes every step, and under `mx.compile` or `value_and_grad` it is
+      a tracer) and the cache is emptied then;
+    - the forms belong to one weight, recognised by identity (a weak reference: the old
+      weight is not kept alive), shape and dtype; any other weight empties the cache,
+      and `Conv2d` empties it as soon as its weight is assigned anew (`conv.weight = w`,
+      `update`, `load_weights`, an optimizer step), so a replaced weight's forms do not
+      linger until the next call. Changing an array in place (`conv.weight += d`,
+      `conv.weight[...] = v`) keeps its identity and cannot be seen: `release()` then
+      (or `release_derived_weights(module)`);
+    - at most `MAX_FORMS` forms (one per Winograd tile size met, least recently used
+      dropped first).
 
     A plain object, not an array container, so MLX does not count it as a parameter.
     Winograd forms take (n/r)^2 times the kernel's memory: 16/9 for F(2x2, 3x3), 4x for
     F(4x4, 3x3).
     """
 
-    def __init__(self):
-        self.weight = None
-        self.values: dict = {}
+    MAX_FORMS = 4
 
-    def get(self, weight: mx.array, key: tuple) -> list:
-        if self.weight is not weight:
-            self.weight, self.values = weight, {}
-        if key not in self.values:
-            self.values[key] = derived_weights(weight, key)
-        return self.values[key]
+    def __init__(self):
+        self._weight = None  # weakref.ref to the weight the forms belong to
+        self._signature = None  # (shape, dtype) of that weight
+        self.values: "OrderedDict[tuple, object]" = OrderedDict()
+
+    def get(self, weight: mx.array, key: tuple, cache: bool = True):
+        """The form `key` of `weight`; with `cache` False (training) computed afresh, nothing kept."""
+        if not cache:
+            self.release()
+            return derived_weights(weight, key)
+        signature = (tuple(weight.shape), weight.dtype)
+        if self._weight is None or self._weight() is not weight or self._signature != signature:
+            self.release()
+            self._weight, self._signature = weakref.ref(weight), signature
+        value = self.values.get(key)
+        if value is None:
+            value = self.values[key] = derived_weights(weight, key)
+            while len(self.values) > self.MAX_FORMS:
+                self.values.popitem(last=False)
+        else:
+            self.values.move_to_end(key)
+        return value
+
+    def release(self) -> int:
+        """Drop every form; returns the bytes they held."""
+        held = self.nbytes
+        self._weight = self._signature = None
+        self.values = OrderedDict()
+        return held
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [a for v in self.values.values() for a in (v if isinstance(v, (list, tuple)) else [v])]
+        return sum(a.nbytes for a in arrays)
+
+
+def release_derived_weights(module) -> int:
+    """Drop the cached conv forms of every `Conv2d` in `module` (an `nn.Module`, or any
+    object whose `unet`/`vae` are, such as a `PixelDecoder`); returns the bytes freed."""
+    if not isinstance(module, nn.Module):
+        return sum(release_derived_weights(getattr(module, name)) for name in ("unet", "vae")
+                   if isinstance(getattr(module, name, None), nn.Module))
+    return sum(m.derived.release() for m in module.modules() if isinstance(m, Conv2d))
 
 
 class Conv2d(nn.Module):
     """A torch-style 2-D convolution on NHWC input; `weight` is (out, kh, kw, in) as MLX stores it.
 
-    On the CPU, large 3x3 convolutions run as Winograd convolutions (see lavit_mlx.cpu.conv).
+    On the CPU, large 3x3 convolutions run as Winograd convolutions (see lavit_mlx.cpu.conv),
+    whose transformed kernels are cached in eval mode (`DerivedWeights`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = True):
         super().__init__()
+        self.derived = DerivedWeights()
         self.stride = stride
         self.padding = padding
         self.weight = mx.zeros((out_channels, kernel_size, kernel_size, in_channels))
         if bias:
             self.bias = mx.zeros((out_channels,))
-        self.derived = DerivedWeights()
 
-    def cached(self, key: tuple) -> list:
-        return self.derived.get(self.weight, key)
+    def __setitem__(self, key, value):
+        # every way of assigning a parameter (attribute, `update`, `load_weights`) lands here
+        if key == "weight" and "derived" in self.__dict__:
+            self.derived.release()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        if key == "weight" and "derived" in self.__dict__:
+            self.derived.release()
+        super().__delitem__(key)
+
+    def cached(self, key: tuple):
+        """The derived form `key` of the weight: cached in eval mode, afresh while training."""
+        return self.derived.get(self.weight, key, cache=not self.training)
 
     def __call__(self, x: mx.array) -> mx.array:
         return ops.conv2d(x, self.weight, self.get("bias"), self.stride, self.padding, self.cached)
