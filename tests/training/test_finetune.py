@@ -19,7 +19,12 @@ from lavit_mlx.training.stages import build_stage
 sys.path.insert(0, str(Path(__file__).parent))
 from test_stage_llm import TINY_LLM, build_tiny_init, run_config, write_shapes_data  # noqa: E402
 
-STYLE = "zork"
+# A style marker the base model knows as a word (a VQA answer: its embedding and output rows
+# are trained) but never writes in a caption. A made-up word such as "zork" is spelled by the
+# shapes text tokenizer with pieces ("z", "or", "k") that occur nowhere in the base's data:
+# their rows are untrained, the output ones pushed down at every base step, and LoRA (block
+# linears only, as mlx-lm's) cannot move them, which no real LLM's vocabulary asks of it.
+STYLE = "nothing"
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +34,14 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory, data) -> Path:
-    """A tiny LaVIT after a short stage 2: encoder, tokenizer, understanding, LLM."""
+    """A tiny LaVIT after a short stage 2: encoder, tokenizer, understanding, LLM.
+
+    60 steps: after 20 its LLM captions every image "." or "........" (loss ~2.3), which makes
+    the check that it does not already write the style empty; after 60 it starts captions
+    with "a" (loss ~1.5)."""
     root = tmp_path_factory.mktemp("ft-base")
     init = build_tiny_init(root / "init")
-    config = run_config(init, data, root / "run", "train.steps=20", "train.learning_rate=3e-3",
+    config = run_config(init, data, root / "run", "train.steps=60", "train.learning_rate=3e-3",
                         "model.understanding=projection")
     train(build_stage(config, World.init()), config)
     return root / "run" / "model"
@@ -40,7 +49,7 @@ def base_model(tmp_path_factory, data) -> Path:
 
 @pytest.fixture(scope="session")
 def style_data(tmp_path_factory, data) -> Path:
-    """The captions of `data`, each wrapped in a word the model has never produced."""
+    """The captions of `data`, each wrapped in a word the model never writes in a caption."""
     folder = tmp_path_factory.mktemp("ft-style")
     lines = [json.loads(line) for line in data.read_text().splitlines()]
     styled = [{**line, "image": str(data.parent / line["image"]), "text": f"{STYLE} {line['text']} {STYLE}"}
@@ -152,7 +161,7 @@ def test_finetuning_on_a_new_caption_style_changes_the_captions(base_model, data
     out = tmp_path / "style"
     code, stdout, stderr = cli("finetune", "--model", base_model, "--data", style_data, "--task", "caption",
                                "--out", out, "--rank", "8", "--steps", "40", "--batch-size", "8",
-                               "--learning-rate", "5e-3", "--seed", "1", timeout=900)
+                               "--learning-rate", "1e-3", "--seed", "1", timeout=900)
     assert code == 0, stderr[-2000:]
     assert "tokenized" in stderr and "step 40" in stderr  # progress
     styled = _caption(lavit_mlx.load(base_model, adapter=out), image)
