@@ -328,7 +328,10 @@ class TokenizerStage(Stage):
         commitment = mx.sum(kept * mx.sum((out.z - mx.stop_gradient(rows)) ** 2, axis=-1)) / count
         loss = loss + cfg.keep_weight * ratio + cfg.commitment * commitment + cfg.decision_weight * indecision
         if cfg.codebook == "gradient":
-            codebook = mx.sum(kept * mx.sum((mx.stop_gradient(out.z) - rows) ** 2, axis=-1)) / count
+            # (e - sg(z)), not (sg(z) - e): with its stop_gradients removed as no-ops, the latter is the
+            # commitment term's graph again, and mx.compile (0.32) fails with `_Map_base::at` when it merges
+            # two equivalent subgraphs of which the later one is also an output (this metric)
+            codebook = mx.sum(kept * mx.sum((rows - mx.stop_gradient(out.z)) ** 2, axis=-1)) / count
             loss = loss + cfg.codebook_weight * codebook
             metrics["codebook"] = codebook
         counts, _ = code_statistics(out.codes, out.z, kept, self.codebook_size)
