@@ -1,10 +1,11 @@
 """The four benchmarks run end to end at their --quick sizes and print the shared header
 (machine, versions, both frameworks' BLAS measured in the workers, the allocator) and a table.
 
-The four run at once (each is mostly process start-up and imports), so the module stays
-well under 90 s on two cores; their numbers are not checked, only what they print. Each
+The four run at once (each is mostly process start-up and imports), so they stay well
+under 90 s on two cores; their numbers are not checked, only what they print. Each
 framework gets one thread: on a loaded machine OpenMP's waiting threads can make a tiny
-step 50x slower.
+step 50x slower. The training benchmark (`train.py`: eight workers, one per stage and
+framework plus LoRA and QLoRA) runs on its own afterwards, about a minute and a half.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("tokenizer", "llm", "pixel", "convert")
 TIMEOUT = 120
+TRAIN_TIMEOUT = 420
 TABLE_RULE = re.compile(r"^\|(:?-{3,}:?\|)+$")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -53,6 +55,14 @@ def quick_runs(tmp_path_factory):
 def test_quick_run_prints_header_then_table(quick_runs, name):
     code, stdout, stderr = quick_runs[name]
     assert code == 0, f"{name}.py --quick failed ({code}):\n{stderr[-3000:]}"
+    lines = check_header_then_table(stdout)
+    first_row = lines[[i for i, line in enumerate(lines) if TABLE_RULE.match(line)][0] + 1]
+    assert first_row.startswith("| ") and re.search(r"\d", first_row), first_row
+
+
+def check_header_then_table(stdout: str) -> list:
+    """The shared header (machine, software, each worker's BLAS, the allocator, the workers), then
+    a table; returns the lines."""
     lines = stdout.splitlines()
     assert lines[0].startswith("# "), f"the header does not come first:\n{stdout}"
     assert lines[1].startswith("machine: ") and "logical CPUs" in lines[1]
@@ -64,10 +74,33 @@ def test_quick_run_prints_header_then_table(quick_runs, name):
     allocator = next(line for line in lines if line.startswith("allocator: "))
     assert "mallopt in every worker" in allocator and " NO" not in allocator, allocator
     assert any(line.startswith("workers: each in its own process") for line in lines)
-    rules = [i for i, line in enumerate(lines) if TABLE_RULE.match(line)]
-    assert rules, f"no table:\n{stdout}"
-    first_row = lines[rules[0] + 1]
-    assert first_row.startswith("| ") and re.search(r"\d", first_row), first_row
+    assert any(TABLE_RULE.match(line) for line in lines), f"no table:\n{stdout}"
+    return lines
+
+
+@pytest.mark.slow
+def test_train_quick_run_prints_the_stage_and_lora_tables():
+    """`train.py --quick`: per stage, MLX and PyTorch steps/s and samples/s and their ratio; LoRA
+    and QLoRA tokens/s and peak memory, their ratio; both targets' verdicts."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=TRAIN_TIMEOUT, env={**os.environ, **ONE_THREAD})
+    assert done.returncode == 0, f"train.py --quick failed ({done.returncode}):\n{done.stderr[-3000:]}"
+    lines = check_header_then_table(done.stdout)
+    assert "1 thread each" in lines[0], lines[0]  # the workers' threads follow OMP_NUM_THREADS
+    for stage in ("tokenizer", "llm", "pixel"):
+        row = next((line for line in lines if line.startswith(f"| {stage} |")), None)
+        assert row, f"no {stage} row:\n{done.stdout}"
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert all(float(cell) > 0 for cell in cells[1:5]), row  # steps/s and samples/s of both
+        assert re.fullmatch(r"\d+\.\d\dx", cells[5]), row
+    for label in ("LoRA", "QLoRA, 4-bit base (group 64)"):
+        row = next((line for line in lines if line.startswith(f"| {label} |")), None)
+        assert row and float(row.split("|")[2]) > 0, f"no {label} row with tokens/s:\n{done.stdout}"
+        assert re.search(r"\| \d+\.\d+ (MiB|GiB) \|", row), row  # the peak memory
+    ratio = next(line for line in lines if line.startswith("| QLoRA / LoRA |"))
+    assert re.search(r"\| \d+% \|", ratio), ratio
+    assert re.search(r"^target: MLX >= 1\.0x PyTorch in every stage: (met|MISSED)", done.stdout, re.M)
+    assert re.search(r"^target: QLoRA peak memory <= 40% of LoRA's: (met|MISSED) \(\d+%\)$", done.stdout, re.M)
 
 
 @pytest.mark.slow
