@@ -120,8 +120,11 @@ def test_loss_falls_and_the_export_tokenizes(world, tmp_path):
     log = [r for r in log_of(out) if "split" not in r]
     assert sum(r["highres_reconstruction"] for r in log[-3:]) < 0.5 * sum(r["highres_reconstruction"] for r in log[:3])
     assert {"keep_ratio_loss", "commitment", "keep_fraction", "tokens_per_image", "perplexity", "dead_codes",
-            "eval_keep_fraction", "eval_codes_used", "eval_highres_reconstruction"} <= set(last)
+            "eval_keep_fraction", "eval_tokens_per_image", "eval_codes_used",
+            "eval_highres_reconstruction"} <= set(last)
     assert abs(last["keep_fraction"] - 1 / 3) < 0.15
+    # inference's deterministic rule keeps tokens too (not only training's sampled masks)
+    assert last["eval_tokens_per_image"] > 0 and last["eval_keep_fraction"] > 0
     model = lavit_mlx.load(out / "model")
     assert model.config.vision.width == 32 and model.config.tokenizer.codebook_size == 64
     assert model.config.token_ids.codebook_size == 64 and model.config.highres_decoder.context_dims == (16, 24)

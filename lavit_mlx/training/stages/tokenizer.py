@@ -432,8 +432,9 @@ class TokenizerStage(Stage):
     # ----------------------------------------------------------------- evaluation and export
     def evaluate(self) -> Dict[str, float]:
         """Over `train.eval_batches` eval batches, with inference's deterministic selection:
-        reconstruction (1 - cos) per decoder, kept fraction, mean tokens per image by object
-        count (`tokens_objects_N`, from the manifest's `num_objects`), distinct codes used."""
+        reconstruction (1 - cos) per decoder, kept fraction, mean tokens per image (what the
+        export gives `lavit tokenize`; 0 when no probability passes the rule's threshold) and
+        by object count (`tokens_objects_N`, from the manifest's `num_objects`), distinct codes used."""
         tokenizer = self.model.tokenizer
         tokenizer.eval()
         data = ImageData(self.config, self.world, self._example, sources=eval_sources(self.config), epochs=1,
@@ -452,6 +453,7 @@ class TokenizerStage(Stage):
                 sums[key] = sums.get(key, 0.0) + float(mx.mean(1.0 - cosine(decoded, target)))
             sums["keep_fraction"] = sums.get("keep_fraction", 0.0) + float(mx.mean(out.keep))
             keep = np.array(out.keep) > 0.5
+            sums["tokens_per_image"] = sums.get("tokens_per_image", 0.0) + float(keep.sum(axis=1).mean())
             for count, objects in zip(keep.sum(axis=1), np.array(batch["num_objects"])):
                 tokens.setdefault(int(objects), []).append(int(count))
             used[np.array(out.codes)[keep]] = True
