@@ -67,7 +67,9 @@ def serve(model_path: Path, host: str = "127.0.0.1", port: int = 8080, api_key: 
     from .app import ServeOptions, create_app
 
     model = load(model_path, vision_heads=vision_heads, quantize=quantize)
-    name = model_name or Path(model_path).resolve().name
+    from ..zoo import BUNDLED_NAME, is_bundled
+
+    name = model_name or (BUNDLED_NAME if is_bundled(model_path) else Path(model_path).resolve().name)
     options = ServeOptions(model_name=name, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
                            time_limit=time_limit)
     app = create_app(model, options)
