@@ -115,8 +115,11 @@ def test_in_place_decoding_equals_the_compacted_sequence():
 
 
 def test_loss_falls_and_the_export_tokenizes(world, tmp_path):
+    # Uncentred targets: the toy decoder learns the shared feature component within the test's
+    # budget, where the centred ones (the default) take ~150 steps before the decoder reads
+    # the codes (the bundled model's build trains the centred stage: reconstruction 0.27).
     out = tmp_path / "tokenizer"
-    stage, last = run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", out, 40))
+    stage, last = run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", out, 40, **{"loss.center_features": "false"}))
     log = [r for r in log_of(out) if "split" not in r]
     assert sum(r["highres_reconstruction"] for r in log[-3:]) < 0.5 * sum(r["highres_reconstruction"] for r in log[:3])
     assert {"keep_ratio_loss", "commitment", "keep_fraction", "tokens_per_image", "perplexity", "dead_codes",
@@ -125,6 +128,7 @@ def test_loss_falls_and_the_export_tokenizes(world, tmp_path):
     assert abs(last["keep_fraction"] - 1 / 3) < 0.15
     # inference's deterministic rule keeps tokens too (not only training's sampled masks)
     assert last["eval_tokens_per_image"] > 0 and last["eval_keep_fraction"] > 0
+    assert abs(last["eval_keep_fraction"] - 1 / 3) < 0.1  # the calibrated threshold keeps ~rho
     model = lavit_mlx.load(out / "model")
     assert model.config.vision.width == 32 and model.config.tokenizer.codebook_size == 64
     assert model.config.token_ids.codebook_size == 64 and model.config.highres_decoder.context_dims == (16, 24)

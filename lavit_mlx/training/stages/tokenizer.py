@@ -144,6 +144,7 @@ class TokenizerLoss:
     init_batches: int = 2  # batches read once at the start: the feature mean and the k-means data
     kmeans_iters: int = 10  # 0: the codebook starts from random unit rows
     center_features: bool = True  # shift EVA's output to zero mean (see the module docstring)
+    calibrate_threshold: bool = True  # evaluate and export with the keep threshold that keeps rho
     dead_after: int = 100  # steps without a use that make a code dead (logged, and restarted)
     restart_dead: bool = True
 
@@ -437,6 +438,7 @@ class TokenizerStage(Stage):
         by object count (`tokens_objects_N`, from the manifest's `num_objects`), distinct codes used."""
         tokenizer = self.model.tokenizer
         tokenizer.eval()
+        self.calibrate_threshold()
         data = ImageData(self.config, self.world, self._example, sources=eval_sources(self.config), epochs=1,
                          shuffle=False)
         sums: Dict[str, float] = {}
@@ -464,8 +466,38 @@ class TokenizerStage(Stage):
         result["codes_used"] = float(used.sum())
         return result
 
+    def calibrate_threshold(self) -> None:
+        """Set `tokenizer.keep_threshold` to the (1 - rho) quantile of the keep probabilities
+        over the eval batches (`loss.calibrate_threshold`), the same on every rank.
+
+        Training draws hard Gumbel masks, where the ratio term holds the *mean keep
+        probability* at rho; inference's deterministic rule (p > 1/2) keeps rho only once the
+        probabilities are decided, which a short run does not reach (a run of 40 steps on the
+        test world keeps no patch by that rule). The stored threshold keeps the selector's
+        highest-ranked rho of the patches on average, more on busier pictures.
+        """
+        if not self.loss_config.calibrate_threshold:
+            return
+        tokenizer = self.model.tokenizer
+        data = ImageData(self.config, self.world, self._example, sources=eval_sources(self.config), epochs=1,
+                         shuffle=False)
+        probs = []
+        for batch in islice(data, self.config.train.eval_batches):
+            logprobs = tokenizer.token_predictor(self.model.eva(batch["pixels"])[:, 1:])
+            probs.append(np.exp(np.array(logprobs[..., 0])).ravel())
+        if not probs:
+            return
+        probs = np.concatenate(probs)
+        if self.world.size > 1:
+            probs = np.array(mx.distributed.all_gather(mx.array(probs), group=self.world.group))
+        threshold = float(np.quantile(probs, 1.0 - self.loss_config.keep_ratio))
+        self.lavit_config.tokenizer.keep_threshold = threshold
+        tokenizer.config.keep_threshold = threshold
+
     def export(self, folder: Path) -> None:
         from ...export import save_components
+
+        self.calibrate_threshold()
 
         folder = Path(folder)
         if folder.resolve() != self.init_folder.resolve():
