@@ -37,10 +37,13 @@ def check_destination(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise LaVITError(f"{out} already exists (use --force to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise LaVITError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise LaVITError(f"cannot write {out}: no write permission in {parent}")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # missing folders above `out` are created when writing
+    if not existing.is_dir():
+        raise LaVITError(f"cannot write {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise LaVITError(f"cannot write {out}: no write permission in {existing}")
 
 
 def _alive(pid: int) -> bool:
@@ -89,6 +92,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     out = Path(out)
     check_destination(out, force)
     parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(parent)
     staging = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{out.name}-{os.getpid()}-", dir=parent))
     umask = os.umask(0)

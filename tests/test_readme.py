@@ -101,7 +101,7 @@ def write_data(folder: Path) -> None:
     (folder / "questions.jsonl").write_text("".join(json.dumps({**line, "image": f"q/{line['image']}"}) + "\n"
                                                     for line in lines))
     captions = [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines()]
-    (folder / "new-style.jsonl").write_text("".join(json.dumps({**c, "text": f"behold {c['text']}"}) + "\n"
+    (folder / "new-style.jsonl").write_text("".join(json.dumps({**c, "text": f"yes, {c['text']}"}) + "\n"
                                                     for c in captions))
 
 
