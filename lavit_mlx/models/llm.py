@@ -18,9 +18,13 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.cache import BatchKVCache
-from mlx_lm.models.llama import Model as LlamaModel
-from mlx_lm.models.llama import ModelArgs
+
+from ._mlx_lm import prepare as _prepare_mlx_lm
+
+_prepare_mlx_lm()
+from mlx_lm.models.cache import BatchKVCache  # noqa: E402
+from mlx_lm.models.llama import Model as LlamaModel  # noqa: E402
+from mlx_lm.models.llama import ModelArgs  # noqa: E402
 
 from ..config import LLMConfig, TokenIds
 from ..errors import CheckpointError, LaVITError
