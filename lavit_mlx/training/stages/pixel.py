@@ -422,6 +422,7 @@ def cached_pictures(folder: Path, split: str, fingerprint: dict, build) -> Cache
     from ...export import _atomic_safetensors
 
     path, meta = folder / f"{split}.safetensors", folder / f"{split}.json"
+    fingerprint = json.loads(json.dumps(fingerprint))  # as stored (tuples become lists), or it never matches
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
         stored = {k: np.array(v) for k, v in mx.load(str(path)).items()}
         texts = json.loads(meta.read_text()).get("texts")
