@@ -231,8 +231,13 @@ def generate_stages(model, settings: GenerationSettings, prompts: Optional[Seque
     negative = None
     if s.negative_prompt:
         negative = model.text_tokenizer.encode(s.negative_prompt) + [model.token_ids.image_start]
+    # An image has at most num_patches visual tokens (+ [/IMG]): the VQ decoder has that many
+    # positions. The release's cap (200 < 256) never binds; a small model's may.
+    vq = model.config.highres_decoder if highres else model.config.lowres_decoder
+    patches = vq.num_patches if vq is not None else s.max_new_tokens
+    max_new = min(s.max_new_tokens, patches + 1)
     decoding = ImageTokenDecoding(
-        guidance_scale=s.llm_guidance, min_new_tokens=s.min_new_tokens, max_new_tokens=s.max_new_tokens,
+        guidance_scale=s.llm_guidance, min_new_tokens=min(s.min_new_tokens, max_new), max_new_tokens=max_new,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
     )
     generated = [[] for _ in range(s.num_images)]
@@ -241,9 +246,9 @@ def generate_stages(model, settings: GenerationSettings, prompts: Optional[Seque
         for row, token in enumerate(tokens):
             if token is not None:
                 generated[row].append(token)
-        yield Progress("tokens", steps, s.max_new_tokens)
+        yield Progress("tokens", steps, max_new)
     yield Progress("tokens", steps, steps)  # every image ended: the stage is complete
-    codes = [np.array(visual_codes(row, model.token_ids), dtype=np.int64) for row in generated]
+    codes = [np.array(visual_codes(row, model.token_ids)[:patches], dtype=np.int64) for row in generated]
     empty = [i for i, c in enumerate(codes) if len(c) == 0]
     if empty:
         raise LaVITError(
