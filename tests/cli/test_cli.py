@@ -68,7 +68,16 @@ def test_model_from_environment(cli, official_tiny):
                          env={"LAVIT_MODEL": str(official_tiny / "checkpoint")})
     assert code == 0, err
     code, out, err = cli("tokenize", official_tiny / "input.png", env={"LAVIT_MODEL": ""})
-    assert_one_line_error(code, out, err, "no model given")
+    assert code == 0 and "lavit-shapes-tiny (bundled)" in err, err  # no model given: the bundled one
+
+
+def test_a_missing_bundled_model_is_a_one_line_error(monkeypatch, tmp_path):
+    from lavit_mlx import zoo
+    from lavit_mlx.errors import CheckpointError
+
+    monkeypatch.setattr(zoo, "BUNDLED_MODEL", tmp_path / "absent")
+    with pytest.raises(CheckpointError, match="bundled model is missing"):
+        zoo.bundled_model()
 
 
 @pytest.fixture
