@@ -59,7 +59,8 @@ def substitutions(fixture: Path) -> list:
         ("~/models/", "models/"),
         ("lavit train shapes --out runs/shapes", f"lavit train shapes --out runs/shapes {tiny_build()}"),
         ("lavit_mlx/shapes/configs/", f"{ROOT}/lavit_mlx/shapes/configs/"),
-        ("--set train.steps=300", "--set train.steps=2 --set train.batch_size=4 --set train.eval_batches=1"),
+        ("--set train.steps=300", "--set train.steps=2 --set train.warmup_steps=0 --set train.batch_size=4 "
+                                  "--set train.eval_batches=1"),
         ("--steps 100", "--steps 2"),
         ("--scenes 200 --out eval-shapes", "--scenes 3 --prompts 2 --reconstructions 2 --out eval-shapes"),
         ("--limit 50", "--limit 3"),

@@ -81,6 +81,7 @@ class TokenizerLoss:
     init_batches: int = 2  # batches read once at the start: the feature mean and the k-means data
     kmeans_iters: int = 10  # 0: the codebook starts from random unit rows
     center_features: bool = True  # shift EVA's output to zero mean
+    calibrate_threshold: bool = True  # the MLX stage's export stores a calibrated keep threshold
     dead_after: int = 100  # steps without a use that make a code dead (logged, and restarted)
     restart_dead: bool = True
 

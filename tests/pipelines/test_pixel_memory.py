@@ -101,6 +101,7 @@ CHILD = textwrap.dedent("""
     checkpoint, size, steps, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     model = lavit_mlx.load(checkpoint, vision_heads=2)
     import lavit_convert.torch_io  # the released layout's pickle reader (torch), before the baseline
+    import torch  # noqa: F401  (the pickle reader imports it lazily: its libraries are not decoding memory)
     base = rss()
     decoder = model.pixel_decoder(False)
     mx.eval(decoder.unet.parameters(), decoder.vae.parameters())
