@@ -160,4 +160,4 @@ def test_every_readme_example_runs(tmp_path, official_tiny):
     ran += serve
 
     every = [c for b in bash[:1] + bash[2:] for c in commands(b)]
-    assert ran == every
+    assert sorted(ran) == sorted(every)  # every README command ran (serve last, with its client)
