@@ -369,11 +369,16 @@ DIFFUSERS_STEM = "diffusion_pytorch_model"
 
 
 def load_diffusers_model(folder: Path, model_cls, config_cls, what: str, dtype: mx.Dtype = mx.float32,
-                         source_layout: str = "torch", stem: str = DIFFUSERS_STEM,
+                         source_layout: str = "torch", stem: Optional[str] = None,
                          quantization: Optional[dict] = None):
     """A diffusers model folder (config.json + weights) -> `model_cls`, through the one
-    loading path (`loading.load_component`)."""
+    loading path (`loading.load_component`). The weights' file stem follows the layout
+    (`diffusion_pytorch_model` for diffusers files, `diffusion_mlx_model` for ours) unless given."""
+    from ..layout import MLX_FORMAT
     from ..loading import load_component, read_diffusers_weights
+
+    if stem is None:
+        stem = MLX_FORMAT["pixel_weights"] if source_layout == "mlx" else DIFFUSERS_STEM
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

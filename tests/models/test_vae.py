@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -167,3 +169,14 @@ def test_native_op_path_matches_diffusers(diffusers_vaes, monkeypatch):
     vae = load_vae(folder)
     assert max_rel(vae.encode(images).mean, reference["mean"]) <= TOL
     assert max_rel(vae.decode(reference["mean"]), reference["decoded"]) <= TOL
+
+
+def test_load_vae_reads_the_mlx_layout_folders_this_project_writes():
+    """`load_vae(folder, source_layout="mlx")` finds `diffusion_mlx_model.safetensors` (the
+    stem of every folder this project writes), not only diffusers' file name."""
+    from lavit_mlx.models.vae import load_vae
+    from lavit_mlx.zoo import bundled_model
+
+    folder = bundled_model() / "highres_pixel_decoding" / "vae"
+    vae = load_vae(folder, source_layout="mlx")
+    assert vae.config.latent_channels == json.loads((folder / "config.json").read_text())["latent_channels"]
