@@ -403,15 +403,18 @@ DecoderOption = typer.Option("highres", "--decoder",
                              help="Pixel decoder: highres (SDXL-shaped) or lowres (SD-1.5-shaped, 512 px).")
 RatioOption = typer.Option(None, "--ratio", show_default=False,
                            help="High-res aspect ratio (the release's six sizes; 1:1 is 1024x1024). "
-                                "Default: 1:1 (lowres: 512x512).")
+                                "Default: the model's own size (bundled model: 224x224), else 1:1 "
+                                "(lowres: 512x512).")
 WidthOption = typer.Option(None, "--width", min=8, max=4096, show_default=False,
                            help="Width in pixels, a multiple of 8; needs --height. Default: from --ratio.")
 HeightOption = typer.Option(None, "--height", min=8, max=4096, show_default=False,
                             help="Height in pixels, a multiple of 8; needs --width. Default: from --ratio.")
 StepsOption = typer.Option(None, "--steps", min=1, max=1000, show_default=False,
-                           help="Denoising steps. Default: 25 highres, 50 lowres (the release).")
+                           help="Denoising steps. Default: the model's own (bundled model: 20), else 25 highres, "
+                                "50 lowres (the release).")
 GuidanceOption = typer.Option(None, "--guidance", min=0.0, show_default=False,
-                              help="UNet classifier-free guidance. Default: 7.0 highres, 5.0 lowres (the release).")
+                              help="UNet classifier-free guidance. Default: the model's own (bundled model: 3.0), "
+                                   "else 7.0 highres, 5.0 lowres (the release).")
 SchedulerOption = typer.Option("ddim", "--scheduler",
                                help="Sampler: ddim (the release), euler or dpm++2m (fewer steps).")
 

@@ -137,6 +137,9 @@ def compose(options: BuildOptions, log: Callable[[str], None]) -> Path:
         cast = {k: v.astype(mx.float16) if v.dtype == mx.float32 and "codebook" not in file.name else v
                 for k, v in weights.items()}
         mx.save_safetensors(str(file), cast, metadata={"format": "mlx"})
+    config = json.loads((partial / "config.json").read_text())
+    config["dtype"] = "float16"  # what `lavit info` reports (the codebook stays float32)
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     info = {"seed": options.seed, "train_scenes": options.train_scenes,
             "stage_seconds": stage_times(options.out)}
     (partial / "build.json").write_text(json.dumps(info, indent=2) + "\n")

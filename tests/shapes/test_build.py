@@ -65,7 +65,8 @@ def test_one_command_builds_a_model_every_command_opens(tmp_path):
     config = json.loads((model / "config.json").read_text())
     assert set(config["components"]) >= {"eva", "tokenizer", "highres_decoder", "llm", "understanding",
                                           "highres_pixel"}
-    assert lavit("info", "--model", model, "--verify").stdout.count("all files match") == 1
+    described = lavit("info", "--model", model, "--verify").stdout
+    assert described.count("all files match") == 1 and "MLX folder (float16" in described
     picture = out / "data" / "eval" / "images" / "000000.png"
     caption = lavit("caption", "--model", model, picture, "--max-tokens", 8)  # caption's option
     assert caption.stdout.strip()
