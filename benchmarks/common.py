@@ -191,9 +191,20 @@ def serve(args: argparse.Namespace, work: Callable[[argparse.Namespace], dict]) 
 
 
 def peak_rss_so_far() -> int:
-    """This process' peak resident memory until now, in bytes."""
+    """This process' peak resident memory until now, in bytes.
+
+    On Linux the address space's own high-water mark (VmHWM): `ru_maxrss` also counts the
+    parent's resident memory at the moment this process was started (the kernel carries the
+    old address space's peak across exec), which is not this process' use.
+    """
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
 
 

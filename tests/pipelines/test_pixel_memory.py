@@ -82,7 +82,8 @@ def test_estimate_takes_config_objects_and_wide_images(tiny_configs):
 # ------------------------------------------------------------------------- measured runs
 # A child process decodes with the official-tiny low-res decoder and reports its peak
 # resident memory (VmHWM, reset at the baseline) above what it held before the pixel
-# decoder loaded. It can first cap
+# decoder loaded. Not ru_maxrss: the kernel carries the parent's peak across exec, so under
+# a long pytest run it reported pytest's own resident memory (1.09 GB against 0.3). It can first cap
 # its own address space (`ulimit -v`), where MLX's failed allocations used to segfault.
 CHILD = textwrap.dedent("""
     import json, os, resource, sys
