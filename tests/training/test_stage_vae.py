@@ -98,6 +98,23 @@ def test_loss_falls_and_the_export_is_a_vae_with_its_scaling_factor(data, tmp_pa
     assert vae.decode(vae.encode(images).mean).shape == (1, 3, 16, 16)
 
 
+def test_the_last_steps_train_on_whole_pictures(data, tmp_path):
+    """Crops, then `loss.full_picture_steps` batches of `loss.full_batch_size` whole pictures
+    (GroupNorm's statistics over a crop are not a picture's); too many such steps is an error."""
+    from lavit_mlx.errors import LaVITError
+    from lavit_mlx.training.config import load_run_config
+    from lavit_mlx.training.loop import World
+
+    config = load_run_config("vae", None, tiny_overrides(data, tmp_path / "run", 5, **{
+        "loss.full_picture_steps": 2, "loss.full_batch_size": 3}))
+    batches = iter(VAEStage(config, World()).batches())
+    shapes = [next(batches)["images"].shape for _ in range(5)]
+    assert shapes == [(4, 3, 32, 32)] * 3 + [(3, 3, 64, 64)] * 2
+    too_many = load_run_config("vae", None, tiny_overrides(data, tmp_path / "bad", 5, **{"loss.full_picture_steps": 6}))
+    with pytest.raises(LaVITError, match="full_picture_steps 6"):
+        VAEStage(too_many, World())
+
+
 def run_script(data, out, steps, kill_at=None):
     cmd = [sys.executable, __file__, str(data), str(out), str(steps), "-" if kill_at is None else str(kill_at)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -138,7 +155,9 @@ if __name__ == "__main__":
             yield batch
 
     VAEStage.batches = batches
-    config = load_run_config("vae", None, tiny_overrides(data_dir, out_dir, total))
+    # the last 3 steps on whole pictures: the kill (at step 5's batch) falls in that phase
+    config = load_run_config("vae", None, tiny_overrides(data_dir, out_dir, total, **{
+        "loss.full_picture_steps": 3, "loss.full_batch_size": 2}))
     stage = VAEStage(config, World.init())
     train(stage, config)
     final = out_dir / "checkpoints" / f"step-{total:08d}"
