@@ -304,6 +304,9 @@ def run(stage_name: Optional[str], config_path=None, overrides=(), launch: Launc
     config = load_run_config(stage_name, config_path, list(overrides))
     world = World.init(device)
     try:
-        return train(build_stage(config, world, launch), config)
-    finally:
-        world.close()
+        result = train(build_stage(config, world, launch), config)
+    except BaseException:
+        world.close(wait=False)
+        raise
+    world.close()
+    return result
