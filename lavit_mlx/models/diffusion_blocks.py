@@ -377,8 +377,10 @@ def load_diffusers_model(folder: Path, model_cls, config_cls, what: str, dtype: 
     from ..layout import MLX_FORMAT
     from ..loading import load_component, read_diffusers_weights
 
-    if stem is None:
-        stem = MLX_FORMAT["pixel_weights"] if source_layout == "mlx" else DIFFUSERS_STEM
+    if stem is None:  # ours are diffusion_mlx_model.*; MLX-layout weights under diffusers' name also load
+        mlx_stem = MLX_FORMAT["pixel_weights"]
+        stem = mlx_stem if source_layout == "mlx" and any(
+            (Path(folder) / f"{mlx_stem}{suffix}").is_file() for suffix in (".safetensors", ".bin")) else DIFFUSERS_STEM
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

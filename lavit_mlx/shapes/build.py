@@ -105,7 +105,11 @@ def scaled_steps(stage: str, options: BuildOptions) -> List[str]:
     steps = max(2, round(config.train.steps * options.steps_scale))
     warmup = min(config.train.warmup_steps, steps // 4)
     every = max(1, steps // 2)
-    return [f"train.steps={steps}", f"train.warmup_steps={warmup}", f"train.save_every={every}"]
+    scaled = [f"train.steps={steps}", f"train.warmup_steps={warmup}", f"train.save_every={every}"]
+    whole = getattr(config.loss, "full_picture_steps", 0)  # the VAE's last steps on whole pictures
+    if whole:
+        scaled.append(f"loss.full_picture_steps={min(steps - 1, max(1, round(whole * options.steps_scale)))}")
+    return scaled
 
 
 def write_data(options: BuildOptions, log: Callable[[str], None]) -> None:
