@@ -377,12 +377,11 @@ def load_diffusers_model(folder: Path, model_cls, config_cls, what: str, dtype: 
     from ..layout import MLX_FORMAT
     from ..loading import load_component, read_diffusers_weights
 
+    folder = Path(folder)
     if stem is None:  # ours are diffusion_mlx_model.*; MLX-layout weights under diffusers' name also load
         mlx_stem = MLX_FORMAT["pixel_weights"]
         stem = mlx_stem if source_layout == "mlx" and any(
-            (Path(folder) / f"{mlx_stem}{suffix}").is_file() for suffix in (".safetensors", ".bin")) else DIFFUSERS_STEM
-
-    folder = Path(folder)
+            (folder / f"{mlx_stem}{suffix}").is_file() for suffix in (".safetensors", ".bin")) else DIFFUSERS_STEM
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json for the {what}")
     model = model_cls(config_cls.from_dict(read_json(folder / "config.json")))

@@ -287,10 +287,10 @@ class PictureData:
         group = []
         for picture in self.stream:  # grouped here: the batch size changes for the whole-picture steps
             group.append(picture)
-            if len(group) < (self.full_batch_size if self.whole() else self.batch_size):
+            whole = self.whole()
+            if len(group) < (self.full_batch_size if whole else self.batch_size):
                 continue
             rng = np.random.default_rng([self.seed, self.batch_index])
-            whole = self.whole()
             self.batch_index += 1
             if whole:
                 crops = np.stack(group)
@@ -382,8 +382,7 @@ def load_trained_vae(folder, component: str = "highres_pixel") -> tuple:
         sub, layout = folder / RELEASE_FOLDERS[component] / "vae", "torch"
     if not (sub / "config.json").is_file():
         raise LaVITError(f"{folder}: no VAE for {component} (train one with `lavit train vae`)")
-    stem = MLX_FORMAT["pixel_weights"] if layout == "mlx" else "diffusion_pytorch_model"
-    vae = load_diffusers_model(sub, AutoencoderKL, VAEConfig, "VAE", source_layout=layout, stem=stem)
+    vae = load_diffusers_model(sub, AutoencoderKL, VAEConfig, "VAE", source_layout=layout)  # the stem follows the layout
     return vae, read_json(sub / "config.json")
 
 
