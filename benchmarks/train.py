@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 
 import common
+import cpu_profile
 
 STAGES = ("tokenizer", "llm", "pixel")
 QUICK = dict(steps=5, width=32, image_size=28, patch=7, batch_size=2, lora_hidden=64, lora_layers=2,
@@ -93,15 +94,18 @@ def stage_config(stage: str, fixture: dict, mlx_init: Path, args) -> dict:
             **({"loss": {"init_batches": 1}} if stage == "tokenizer" else {})}
 
 
-def timed_data(stage, clock=None) -> list:
+def timed_data(stage, clock=None, recording=None) -> list:
     """Wrap `stage.batches` (both loops call it once): each `next` is timed. Returns a list that
-    gets, per batch, (seconds waiting for it, `clock()` when it was asked for)."""
+    gets, per batch, (seconds waiting for it, `clock()` when it was asked for). A `recording`
+    (`cpu_profile.Recording`) starts when the first measured batch is asked for."""
     times: list = []
     original = stage.batches
 
     def batches():
         source = iter(original())
         while True:
+            if recording is not None and len(times) == WARMUP:
+                recording.start()
             start = time.perf_counter()
             mark = clock() if clock else 0.0
             try:
@@ -168,12 +172,14 @@ def mlx_stage(args) -> dict:
     stage = build_stage(config, World.init())
     setup = time.perf_counter() - start
     stage.evaluate = dict  # the final evaluation is not training (the pixel stage's decodes pictures)
-    data_seconds = timed_data(stage)
+    recording = profile_recording(args)
+    data_seconds = timed_data(stage, recording=recording)
     start = time.perf_counter()
     train(stage, config, resume=False)
-    result = stage_result(args, run, data_seconds, setup, time.perf_counter() - start)
+    total = time.perf_counter() - start
+    result = stage_result(args, run, data_seconds, setup, total)
     result["mlx_peak_memory"] = mx.get_peak_memory()
-    return result
+    return with_profile(result, recording, args)
 
 
 def torch_stage(args) -> dict:
@@ -195,7 +201,8 @@ def torch_stage(args) -> dict:
         setup = time.perf_counter() - start
         stage.evaluate = lambda model: {}  # as on the MLX side
         clock = frozen_clock(stage.frozen())
-        data_seconds = timed_data(stage, clock)
+        recording = profile_recording(args)
+        data_seconds = timed_data(stage, clock, recording)
         start = time.perf_counter()
         train(stage, config)
         total = time.perf_counter() - start
@@ -203,6 +210,19 @@ def torch_stage(args) -> dict:
         world.close()
     result = stage_result(args, run, data_seconds, setup, total, clock())
     result["threads"] = torch.get_num_threads()
+    return with_profile(result, recording, args)
+
+
+def profile_recording(args):
+    return cpu_profile.Recording(Path(args.out) / "perf.data") if args.profile else None
+
+
+def with_profile(result: dict, recording, args) -> dict:
+    """The result with the recording's CPU seconds by kind of work (steps after the warm-up)."""
+    if recording is not None:
+        recording.stop()
+        result["profile"] = {**cpu_profile.categories(recording.path), "steps": args.steps - WARMUP,
+                             "wall_seconds": recording.seconds}
     return result
 
 
@@ -348,6 +368,32 @@ def memory_estimate(args, bits) -> int:
                         activation_bytes=float_bytes, float_bytes=float_bytes).training
 
 
+def profile_report(stages, runs, args) -> None:
+    """Per stage: CPU ms per step by kind of work on each side, wall ms per step, cores busy."""
+    for stage in stages:
+        sides = {side: runs[f"{stage}-{side}"][0].result for side in ("mlx", "torch")}
+        profiles = {side: result.get("profile") for side, result in sides.items()}
+        if not all(profiles.values()):
+            continue
+        per_step = {side: {kind: 1000 * s / profiles[side]["steps"] for kind, s in profiles[side]["kinds"].items()}
+                    for side in sides}
+        wall = {side: 1000 * profiles[side]["wall_seconds"] / profiles[side]["steps"] for side in sides}
+        rows = [[kind, f"{per_step['mlx'][kind]:.1f}", f"{per_step['torch'][kind]:.1f}"]
+                for kind in cpu_profile.KINDS if per_step["mlx"][kind] + per_step["torch"][kind] >= 0.05]
+        cpu = {side: sum(per_step[side].values()) for side in sides}
+        rows.append(["all CPU time", f"{cpu['mlx']:.1f}", f"{cpu['torch']:.1f}"])
+        rows.append(["wall time per step (recording / steps)", f"{wall['mlx']:.1f}", f"{wall['torch']:.1f}"])
+        rows.append(["cores busy (CPU / wall)", *(f"{cpu[s] / wall[s]:.2f}" if wall[s] else "-" for s in sides)])
+        print(f"Where the time goes, {stage} stage: CPU ms per training step by kind of work "
+              f"(perf, {cpu_profile.FREQUENCY} Hz cpu-clock samples over the steps after the warm-up)")
+        common.print_table(["kind of work", "MLX ms/step", "PyTorch ms/step"], rows)
+        for side in sides:
+            top = "; ".join(f"{symbol} ({kind}) {1000 * s / profiles[side]['steps']:.1f}"
+                            for kind, symbol, s in profiles[side]["top"][:5])
+            print(f"top symbols, {common.LABELS[side]}: {top}")
+        print()
+
+
 def lora_report(args, runs) -> None:
     lora, qlora = (runs[name][0].result for name in ("lora", "qlora"))
     peak = {name: common.best(runs[name], "mlx_peak_memory", min) for name in ("lora", "qlora")}
@@ -400,6 +446,9 @@ def main():
     parser.add_argument("--lora-warmup", type=int, default=1, help="untimed first optimizer steps (the first compiles)")
     parser.add_argument("--lora-dtype", help="float32 | float16 | bfloat16 (default: float32 on the CPU, "
                                              "bfloat16 on a GPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample each stage worker's steps after the warm-up with Linux perf and print "
+                             "its CPU time per step by kind of work (gemm, elementwise, waiting threads, ...)")
     parser.add_argument("--fixture", help=argparse.SUPPRESS)
     common.add_arguments(parser)
     args = common.parse(parser, QUICK)
@@ -413,6 +462,8 @@ def main():
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {', '.join(unknown)} (choose from {', '.join(STAGES)})")
+    if args.profile and cpu_profile.unavailable():
+        parser.error(cpu_profile.unavailable())
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     threads = tuple((k, str(args.threads)) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"))
     workers = [common.Worker(f"{stage}-{side}", (side,), threads) for stage in stages for side in ("mlx", "torch")]
@@ -445,6 +496,8 @@ def main():
               "(cached), PyTorch's every step; 'less frozen' compares MLX with PyTorch's step minus that time")
         print(f"target: MLX >= {MLX_TARGET:.1f}x PyTorch in every stage: "
               f"{'met' if not slower else 'MISSED (' + ', '.join(slower) + ')'}\n")
+        if args.profile:
+            profile_report(stages, runs, args)
     if not args.no_lora:
         lora_report(args, runs)
 

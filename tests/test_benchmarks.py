@@ -82,7 +82,11 @@ def check_header_then_table(stdout: str) -> list:
 def test_train_quick_run_prints_the_stage_and_lora_tables():
     """`train.py --quick`: per stage, MLX and PyTorch steps/s and samples/s and their ratio; LoRA
     and QLoRA tokens/s and peak memory, their ratio; both targets' verdicts."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train.py"), "--quick"], cwd=ROOT,
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_profile
+
+    profile = [] if cpu_profile.unavailable() else ["--profile"]  # where perf can sample, the profile too
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train.py"), "--quick", *profile], cwd=ROOT,
                           capture_output=True, text=True, timeout=TRAIN_TIMEOUT, env={**os.environ, **ONE_THREAD})
     assert done.returncode == 0, f"train.py --quick failed ({done.returncode}):\n{done.stderr[-3000:]}"
     lines = check_header_then_table(done.stdout)
@@ -101,6 +105,43 @@ def test_train_quick_run_prints_the_stage_and_lora_tables():
     assert re.search(r"\| \d+% \|", ratio), ratio
     assert re.search(r"^target: MLX >= 1\.0x PyTorch in every stage: (met|MISSED)", done.stdout, re.M)
     assert re.search(r"^target: QLoRA peak memory <= 40% of LoRA's: (met|MISSED) \(\d+%\)$", done.stdout, re.M)
+    if profile:
+        for stage in ("tokenizer", "llm", "pixel"):
+            table = done.stdout.split(f"Where the time goes, {stage} stage")[1].split("top symbols")[0]
+            rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in table.splitlines()
+                    if line.startswith("| ") and not line.startswith("| kind")}
+            assert float(rows["all CPU time"][0]) > 0 and float(rows["all CPU time"][1]) > 0, table
+            assert float(rows["gemm"][0]) > 0, table  # MLX's matmuls were sampled
+            kinds = sum(float(cells[0]) for name, cells in rows.items() if name in cpu_profile.KINDS)
+            assert abs(kinds - float(rows["all CPU time"][0])) <= 0.2 + 0.01 * kinds, table
+
+
+def test_profile_kinds_of_work():
+    """The symbols perf reports, sorted into the kinds the profile table prints."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_profile import kind_of
+
+    assert kind_of("libscipy_openblas.so", "sgemm_kernel_SKYLAKEX") == "gemm"
+    assert kind_of("libscipy_openblas.so", "blas_thread_server") == "threads waiting"
+    assert kind_of("libgomp.so.1", "0x000000000001de62") == "threads waiting"
+    assert kind_of("libtorch_cpu.so", "mkl_blas_avx512_sgemm_kernel_0") == "gemm"
+    assert kind_of("libCf4IErfADf4IBroadcastBEf4OAddCD_VC_f4_10159970873491820195_contiguous.so",
+                   "Cf4IErfADf4IBroadcastBEf4OAddCD_VC_f4_10159970873491820195_contiguous") == "elementwise (compiled)"
+    assert kind_of("libmlx.so", "mlx::core::(anonymous namespace)::copy_general_general<float, float>") == "copies"
+    assert kind_of("libmlx.so", "mlx::core::reduction_op<float, float, mlx::core::SumReduce>") == "reductions"
+    assert kind_of("libmlx.so", "mlx::core::binary_op<float, float, mlx::core::detail::Multiply>") == \
+        "elementwise and other ops"
+    assert kind_of("libm.so.6", "__expm1f") == "scalar math"
+    assert kind_of("libc.so.6", "_int_malloc") == "memory"
+    assert kind_of("libpython3.11.so.1.0", "_PyEval_EvalFrameDefault") == "Python"
+
+
+def test_profile_without_perf_is_a_one_line_error(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_profile
+
+    monkeypatch.setattr(cpu_profile.shutil, "which", lambda name: None)
+    assert cpu_profile.unavailable().startswith("--profile needs Linux perf")
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ class BlasState:
 STATE = BlasState()
 _PREPARED = False
 _HANDLES: list = []  # keep the loaded libraries alive for the process' lifetime
+_PREFIX: List[Optional[str]] = [None]  # the loaded OpenBLAS' symbol prefix ("" or "scipy_")
 
 
 def _cpu_flags() -> set:
@@ -257,6 +258,7 @@ def _load(path: str, how: str) -> None:
     if prefix is None:
         raise OSError("it has no cblas_sgemm (not a CBLAS library)")
     _HANDLES.append(lib)
+    _PREFIX[0] = prefix
     STATE.core, STATE.version = _describe_openblas(lib, prefix)
     shim, why = build_shim()
     skinny = not os.environ.get(SKINNY_OPT_OUT_ENV)
@@ -285,6 +287,23 @@ def _load(path: str, how: str) -> None:
             f"OpenBLAS chose its {STATE.core} kernel on a CPU with AVX2: it does not recognise this CPU "
             "(set OPENBLAS_CORETYPE, e.g. SkylakeX or Haswell, or use scipy-openblas32)"
         )
+
+
+def set_blas_threads(count: int) -> Optional[int]:
+    """Set the loaded OpenBLAS' thread count; returns the previous one (None without one).
+
+    The training loop's parallel parts (`train.streams`) each call the BLAS from their own
+    thread, so they ask for one thread each and restore the count afterwards."""
+    if not _HANDLES or _PREFIX[0] is None:
+        return None
+    lib = _HANDLES[0]
+    getter = getattr(lib, f"{_PREFIX[0]}openblas_get_num_threads", None)
+    setter = getattr(lib, f"{_PREFIX[0]}openblas_set_num_threads", None)
+    if getter is None or setter is None:
+        return None
+    previous = int(getter())
+    setter(ctypes.c_int(int(count)))
+    return previous
 
 
 def sgemm_calls() -> Optional[int]:

@@ -61,6 +61,9 @@ class TrainSection:
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
     compile: bool = True
+    # parts of each batch computed at once, one MLX stream (a CPU thread) each (loop.ParallelParts);
+    # 0: the usable cores on a CPU device, 1 on a GPU (lowered until it divides the batch)
+    streams: int = 0
     max_memory_gb: float = 0.0  # stop with a message when the first step's peak passes this (0: off)
 
     def check(self) -> None:
@@ -74,6 +77,7 @@ class TrainSection:
             (self.log_every >= 1, f"train.log_every {self.log_every}: expected at least 1"),
             (self.save_every >= 0 and self.eval_every >= 0, "train.save_every and train.eval_every must be >= 0"),
             (0 <= self.seed <= 2**32 - 1, f"train.seed {self.seed}: expected 0..4294967295"),
+            (self.streams >= 0, f"train.streams {self.streams}: expected 0 (automatic) or more"),
         ]
         for ok, message in problems:
             if not ok:

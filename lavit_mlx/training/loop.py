@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -219,9 +220,10 @@ def train(stage: Stage, config: RunConfig, resume: bool = True) -> Dict[str, flo
     loss_and_grad = nn.value_and_grad(model, stage.loss)
     state = [model.state, optimizer.state, mx.random.state, stage.state]
     accumulation = train_cfg.grad_accumulation
+    parts = ParallelParts(train_cfg, model, stage, loss_and_grad)
 
-    def step_fn(batch, previous, do_update):
-        (loss, metrics), grad = loss_and_grad(model, batch)
+    def step_fn(batch, previous, do_update, computed=None):
+        (loss, metrics), grad = loss_and_grad(model, batch) if computed is None else computed
         if world.size > 1:
             grad = nn.average_gradients(grad, group=world.group)
             loss = mx.distributed.all_sum(loss, group=world.group) / world.size
@@ -237,7 +239,15 @@ def train(stage: Stage, config: RunConfig, resume: bool = True) -> Dict[str, flo
             grad = None
         return loss, metrics, grad
 
-    step = partial(mx.compile, inputs=state, outputs=state)(step_fn) if train_cfg.compile else step_fn
+    compiled = partial(mx.compile, inputs=state, outputs=state)
+    if parts.count == 1:
+        step = compiled(step_fn) if train_cfg.compile else step_fn
+    else:  # the parts compile on their own (a compiled step would run them on one thread)
+        def update_fn(computed, previous, do_update):
+            return step_fn(None, previous, do_update, computed)
+
+        update = compiled(update_fn) if train_cfg.compile else update_fn
+        step = lambda batch, previous, do_update: update(parts.gradients(batch), previous, do_update)  # noqa: E731
     logger = Logger(out / "log.jsonl" if world.main else None, train_cfg.steps, start_step, world.main)
     batches = stage.batches()
     pending = None
@@ -283,9 +293,88 @@ def train(stage: Stage, config: RunConfig, resume: bool = True) -> Dict[str, flo
         if world.main:
             stage.export(out / "model")
     finally:
+        parts.close()
         logger.close()
         stage.close()
     return last
+
+
+class ParallelParts:
+    """`train.streams`: each batch split into equal parts whose gradients are computed at once,
+    one part per MLX stream (on the CPU each stream is a thread), then averaged.
+
+    MLX's CPU backend runs the ops of one stream one after another; only its BLAS products use
+    more than one core, so a training step kept one core of two busy for most of its time
+    (benchmarks/train.py --profile). Parts on their own streams run their elementwise work,
+    reductions and copies side by side, each with a one-threaded BLAS. A part is like a
+    data-parallel rank inside the process: losses that couple the samples of a batch (the
+    encoder's contrastive negatives, the tokenizer's keep-ratio term) see one part, scalar
+    metrics are the parts' mean, and per-sample metric arrays (for `Stage.update`) are joined.
+    Each part's value-and-grad is compiled on its own: one compiled step over all parts ran
+    them on one thread.
+    """
+
+    def __init__(self, train_cfg: TrainSection, model: nn.Module, stage: Stage, loss_and_grad):
+        self.count = resolve_streams(train_cfg.streams, train_cfg.batch_size // max(1, stage.world.size))
+        self.streams: List = []
+        self._blas_threads = None
+        if self.count == 1:
+            return
+        device = mx.default_device()
+        self.streams = [mx.default_stream(device)] + [mx.new_stream(device) for _ in range(self.count - 1)]
+        captured = [model.state, mx.random.state, stage.state]
+
+        def part(batch):
+            (loss, metrics), grad = loss_and_grad(model, batch)
+            return loss, metrics, grad
+
+        self.part = partial(mx.compile, inputs=captured, outputs=captured)(part) if train_cfg.compile else part
+        if device == mx.cpu:
+            from ..cpu import runtime
+
+            self._blas_threads = runtime.set_blas_threads(1)  # one BLAS thread per part
+
+    def gradients(self, batch: dict):
+        """((mean loss, joined metrics), mean gradient) of `batch`, its parts on their streams."""
+        pieces = split_batch(batch, self.count)
+        results = []
+        for stream, piece in zip(self.streams, pieces):
+            with mx.stream(stream):
+                results.append(self.part(piece))
+        losses, metrics, grads = zip(*results)
+        loss = sum(losses[1:], losses[0]) / len(losses)
+        grad = tree_map(lambda *g: sum(g[1:], g[0]) / len(g), *grads)
+        joined = {k: (sum((m[k] for m in metrics[1:]), metrics[0][k]) / len(metrics) if metrics[0][k].size == 1
+                      else mx.concatenate([m[k] for m in metrics])) for k in metrics[0]}
+        return (loss, joined), grad
+
+    def close(self) -> None:
+        if self._blas_threads is not None:
+            from ..cpu import runtime
+
+            runtime.set_blas_threads(self._blas_threads)
+            self._blas_threads = None
+
+
+def resolve_streams(setting: int, rank_batch: int) -> int:
+    """The number of parts: `setting`, or for 0 the usable cores on a CPU device (1 on a GPU),
+    lowered to the largest number that divides this rank's batch."""
+    if setting == 0:
+        if mx.default_device() != mx.cpu:
+            return 1
+        setting = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    count = max(1, min(setting, rank_batch))
+    while rank_batch % count:
+        count -= 1
+    return count
+
+
+def split_batch(batch: dict, count: int) -> List[dict]:
+    """`count` equal parts of a batch along its sample axis (arrays of another first size are shared)."""
+    samples = max(int(v.shape[0]) for v in batch.values() if hasattr(v, "shape") and v.ndim)
+    size = samples // count
+    return [{k: v[i * size:(i + 1) * size] if hasattr(v, "shape") and v.ndim and v.shape[0] == samples else v
+             for k, v in batch.items()} for i in range(count)]
 
 
 def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:

@@ -47,6 +47,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     (["train.steps=2.5"], "train.steps: expected an integer, got 2.5"),
     (["loss.ema=3"], "loss.ema: expected true or false, got 3"),
     (["train.steps=0"], "train.steps 0: expected at least 1"),
+    (["train.streams=-1"], "train.streams -1: expected 0 (automatic) or more"),
     (["steps"], "expected KEY=VALUE"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
