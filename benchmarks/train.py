@@ -4,7 +4,7 @@ per stage on the same YAML and data, and LoRA vs QLoRA on a ~1B LLaMA shape.
     python benchmarks/train.py [--stages tokenizer,llm,pixel] [--steps 16] [--width 64] [--threads N]
                                [--lora-hidden 2048 --lora-layers 16 --lora-heads 32 --lora-intermediate 5504]
                                [--lora-tokens 256] [--lora-steps 2] [--lora-warmup 1] [--no-lora] [--rounds 1]
-                               [--quick]
+                               [--streams N] [--profile] [--quick]
 
 Stages. The parent writes small starting points once (`lavit_train.tiny.write_training_fixture`:
 EVA + tokenizer + high-res VQ decoder, a diffusers VAE, a text tokenizer, random pictures),
@@ -26,6 +26,12 @@ use `--threads` threads: torch.set_num_threads, and OPENBLAS_NUM_THREADS / OMP_N
 the MLX process' OpenBLAS (default: $OMP_NUM_THREADS if set, else the usable cores). On a
 machine busy with other jobs give `--threads 1`: there two OpenMP threads per process spin
 against the other load, and the numbers measure that load rather than the trainers.
+
+Where the time goes (`--profile`, Linux perf): each stage worker samples its own threads over
+the steps after the warm-up (`cpu_profile.py`) and the parent prints CPU ms per step by kind of
+work (gemm, waiting BLAS/OpenMP threads, compiled and other elementwise ops, copies,
+reductions, malloc and the kernel, Python) for both sides, with the cores busy. `--streams N`
+sets the MLX stages' `train.streams` (batch parts on their own streams; PyTorch ignores it).
 
 LoRA vs QLoRA. An mlx-lm LLaMA (random weights, nothing downloaded; the default shape,
 hidden 2048, 16 layers, 32 heads, MLP 5504, vocab 32000, untied head, has 0.94B parameters),
@@ -79,7 +85,7 @@ def stage_config(stage: str, fixture: dict, mlx_init: Path, args) -> dict:
     data = {"train": str(fixture["data"]), "image_size": args.image_size, "shuffle_buffer": 16,
             "lines_per_shard": 8}
     train = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": 1e-3, "warmup_steps": 1,
-             "log_every": 1, "save_every": 0}
+             "log_every": 1, "save_every": 0, "streams": args.streams}  # MLX only (PyTorch ignores it)
     init = str(mlx_init)
     model = {
         "tokenizer": {"init": init, **fixture["model"]},
@@ -446,6 +452,9 @@ def main():
     parser.add_argument("--lora-warmup", type=int, default=1, help="untimed first optimizer steps (the first compiles)")
     parser.add_argument("--lora-dtype", help="float32 | float16 | bfloat16 (default: float32 on the CPU, "
                                              "bfloat16 on a GPU)")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="the MLX stages' train.streams: batch parts run side by side on their own streams "
+                             "(0: one per core; default 1, whole batches)")
     parser.add_argument("--profile", action="store_true",
                         help="also sample each stage worker's steps after the warm-up with Linux perf and print "
                              "its CPU time per step by kind of work (gemm, elementwise, waiting threads, ...)")
@@ -462,6 +471,8 @@ def main():
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {', '.join(unknown)} (choose from {', '.join(STAGES)})")
+    if args.streams < 0:
+        parser.error(f"--streams {args.streams}: expected 0 (one per core) or more")
     if args.profile and cpu_profile.unavailable():
         parser.error(cpu_profile.unavailable())
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -477,6 +488,7 @@ def main():
 
     title = (f"Training throughput, MLX vs PyTorch (float32, {args.threads} thread{'s' if args.threads > 1 else ''} "
              f"each): stages at EVA width {args.width}, {args.image_size}px images, batch {args.batch_size}, "
+             f"MLX train.streams {args.streams}, "
              f"{args.steps} steps (median after {WARMUP})")
     if not args.no_lora:
         title += (f"; LoRA vs QLoRA on a {billions(parameter_count(args))} LLaMA (hidden {args.lora_hidden}, "

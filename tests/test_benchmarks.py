@@ -111,7 +111,7 @@ def test_train_quick_run_prints_the_stage_and_lora_tables():
             rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in table.splitlines()
                     if line.startswith("| ") and not line.startswith("| kind")}
             assert float(rows["all CPU time"][0]) > 0 and float(rows["all CPU time"][1]) > 0, table
-            assert float(rows["gemm"][0]) > 0, table  # MLX's matmuls were sampled
+            assert len(set(rows) & set(cpu_profile.KINDS)) >= 3, table  # kinds of work were told apart
             kinds = sum(float(cells[0]) for name, cells in rows.items() if name in cpu_profile.KINDS)
             assert abs(kinds - float(rows["all CPU time"][0])) <= 0.2 + 0.01 * kinds, table
 

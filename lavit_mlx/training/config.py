@@ -61,9 +61,11 @@ class TrainSection:
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
     compile: bool = True
-    # parts of each batch computed at once, one MLX stream (a CPU thread) each (loop.ParallelParts);
-    # 0: the usable cores on a CPU device, 1 on a GPU (lowered until it divides the batch)
-    streams: int = 0
+    # parts of each batch computed at once, one MLX stream (a CPU thread) each (loop.ParallelParts):
+    # 1 whole batches; N parts (lowered until it divides the batch); 0 one per usable core on a
+    # CPU device, 1 on a GPU. On a CPU it pays where a step's ops are large (the shapes stages
+    # 1.1-2x), not on tiny steps (benchmarks/train.py at EVA width 64: 0.5x)
+    streams: int = 1
     max_memory_gb: float = 0.0  # stop with a message when the first step's peak passes this (0: off)
 
     def check(self) -> None:

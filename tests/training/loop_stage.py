@@ -73,7 +73,7 @@ class Regression(Stage):
 
 
 def run(out, steps, kill_at=None, batch_size=8, accumulation=1, save_every=5, streams=None):
-    streams = int(os.environ.get("LOOP_STREAMS", "0")) if streams is None else streams
+    streams = int(os.environ.get("LOOP_STREAMS", "1")) if streams is None else streams
     config = RunConfig(stage="tokenizer", out=str(out),
                        train=TrainSection(steps=steps, batch_size=batch_size, grad_accumulation=accumulation,
                                           learning_rate=3e-2, warmup_steps=2, save_every=save_every, log_every=1,

@@ -43,7 +43,7 @@ def test_loss_falls_and_the_run_folder_is_complete(tmp_path):
 
 @pytest.mark.parametrize("streams", ["1", "2"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, streams):
-    env = {"LOOP_STREAMS": streams}  # one part, or two parts on two streams (train.streams)
+    env = {"LOOP_STREAMS": streams}  # whole batches, or two parts on two streams (train.streams)
     straight = result(run_script(tmp_path / "a", 20, env=env))
     killed = run_script(tmp_path / "b", 20, kill_at=13, env=env)  # killed while fetching step 14's batch
     assert killed.returncode == -9

@@ -102,11 +102,12 @@ def log_of(out: Path) -> list:
 
 def test_losses_fall_and_the_export_loads(world, tmp_path):
     out = tmp_path / "encoder"
-    stage, last = run_stage("encoder", encoder_overrides(world, out, 40))
+    stage, last = run_stage("encoder", encoder_overrides(world, out, 40) + ["loss.position_weight=1.0"])
     log = [r for r in log_of(out) if "split" not in r]
     first, final = log[:3], log[-3:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     assert mean(final, "patch_pixels") < 0.5 * mean(first, "patch_pixels")
+    assert mean(final, "patch_position") < 0.5 * mean(first, "patch_position")
     assert mean(final, "contrastive") < mean(first, "contrastive") - 0.3
     assert {"contrastive", "patch_pixels", "logit_scale", "retrieval_accuracy", "eval_contrastive"} <= set(last)
     model = lavit_mlx.load(out / "model", components=["eva"])
@@ -139,7 +140,18 @@ def test_pooled_patch_targets():
     assert float(pooled[1, 2, 2 * 4 + 0 * 2 + 1]) == pytest.approx(expected)
 
 
+def test_patch_position_targets():
+    from lavit_mlx.training.stages.encoder import patch_positions
+
+    grid = np.array(patch_positions(4))  # 4 x 4 patches in raster order: (row, column) centres
+    assert grid.shape == (16, 2)
+    assert grid[0].tolist() == [-0.75, -0.75] and grid[3].tolist() == [-0.75, 0.75]
+    assert grid[4].tolist() == [-0.25, -0.75] and grid[15].tolist() == [0.75, 0.75]
+
+
 def test_bad_configs_are_one_line_errors(world):
+    with pytest.raises(LaVITError, match="loss.position_weight -1.0: expected at least 0"):
+        load_run_config("encoder", None, [f"model.text_tokenizer={world / 'text'}", "loss.position_weight=-1"])
     with pytest.raises(LaVITError, match="model.text_tokenizer"):
         load_run_config("encoder", None, [])
     with pytest.raises(LaVITError, match="text_heads"):
