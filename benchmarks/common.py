@@ -314,7 +314,9 @@ def machine() -> str:
     elif sys.platform == "darwin":
         done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
         model = done.stdout.strip() or model
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from lavit_mlx.cpu.runtime import usable_cores
+
+    usable = usable_cores()
     cores = f"{usable} of {os.cpu_count()} logical CPUs usable"
     if physical:
         cores += f", {physical} physical cores"

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +95,9 @@ def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
     import numpy as np
 
     data = np.ones((nbytes // (4 * 4096), 4096), dtype=np.float32)  # written: its pages exist
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from lavit_mlx.cpu.runtime import usable_cores
+
+    cores = usable_cores()
     best = 0.0
     for threads in sorted({1, cores}):
         parts = np.array_split(data, threads)

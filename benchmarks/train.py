@@ -75,10 +75,6 @@ CACHED = ("llm", "pixel")  # MLX stages that run their frozen encoders once over
 MLX_TARGET, QLORA_TARGET = 1.0, 0.40
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 # ----------------------------------------------------------------------------- the stages' configs
 def stage_config(stage: str, fixture: dict, mlx_init: Path, args) -> dict:
     """The run config of `stage` (JSON is YAML): the same file for both trainers."""
@@ -462,6 +458,8 @@ def main():
     common.add_arguments(parser)
     args = common.parse(parser, QUICK)
     if not args.threads:
+        from lavit_mlx.cpu.runtime import usable_cores
+
         args.threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or usable_cores()
     if args.worker:
         return common.serve(args, work)

@@ -289,6 +289,11 @@ def _load(path: str, how: str) -> None:
         )
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_blas_threads(count: int) -> Optional[int]:
     """Set the loaded OpenBLAS' thread count; returns the previous one (None without one).
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -323,11 +322,7 @@ class ParallelParts:
         device = mx.default_device()
         self.streams = [mx.default_stream(device)] + [mx.new_stream(device) for _ in range(self.count - 1)]
         captured = [model.state, mx.random.state, stage.state]
-
-        def part(batch):
-            (loss, metrics), grad = loss_and_grad(model, batch)
-            return loss, metrics, grad
-
+        part = lambda batch: loss_and_grad(model, batch)  # noqa: E731
         self.part = partial(mx.compile, inputs=captured, outputs=captured)(part) if train_cfg.compile else part
         if device == mx.cpu:
             from ..cpu import runtime
@@ -341,7 +336,7 @@ class ParallelParts:
         for stream, piece in zip(self.streams, pieces):
             with mx.stream(stream):
                 results.append(self.part(piece))
-        losses, metrics, grads = zip(*results)
+        (losses, metrics), grads = zip(*(values for values, _ in results)), [grad for _, grad in results]
         loss = sum(losses[1:], losses[0]) / len(losses)
         grad = tree_map(lambda *g: sum(g[1:], g[0]) / len(g), *grads)
         joined = {k: (sum((m[k] for m in metrics[1:]), metrics[0][k]) / len(metrics) if metrics[0][k].size == 1
@@ -362,7 +357,9 @@ def resolve_streams(setting: int, rank_batch: int) -> int:
     if setting == 0:
         if mx.default_device() != mx.cpu:
             return 1
-        setting = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from ..cpu.runtime import usable_cores
+
+        setting = usable_cores()
     count = max(1, min(setting, rank_batch))
     while rank_batch % count:
         count -= 1
