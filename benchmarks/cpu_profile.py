@@ -105,20 +105,16 @@ def kind_of(dso: str, symbol: str) -> str:
     return "other"
 
 
-def samples(path: Path) -> Tuple[int, List[Tuple[float, str, str]]]:
-    """(total samples, [(percent, dso, symbol)]) of a perf.data file."""
+def samples(path: Path) -> List[Tuple[float, str, str]]:
+    """[(percent, dso, symbol)] of a perf.data file."""
     report = subprocess.run(["perf", "report", "-i", str(path), "--no-children", "--sort", "dso,sym", "-g", "none",
                              "--stdio", "--percent-limit", "0"], capture_output=True, text=True, check=True).stdout
-    total = 0
-    match = re.search(r"# Samples: (\d+)([KM]?)", report)
-    if match:
-        total = int(match[1]) * {"": 1, "K": 1000, "M": 1000000}[match[2]]
     rows = []
     for line in report.splitlines():
         found = _LINE.match(line)
         if found:
             rows.append((float(found[1]), found[2], found[4].strip()))
-    return total, rows
+    return rows
 
 
 def exact_total(path: Path) -> int:
@@ -131,7 +127,7 @@ def exact_total(path: Path) -> int:
 
 def categories(path: Path) -> Dict[str, object]:
     """CPU seconds by kind of work, and the top symbols, of one recording."""
-    _, rows = samples(path)
+    rows = samples(path)
     seconds = exact_total(path) / FREQUENCY
     kinds: Dict[str, float] = collections.Counter()
     top: Dict[Tuple[str, str], float] = collections.Counter()
