@@ -102,7 +102,8 @@ def log_of(out: Path) -> list:
 
 def test_losses_fall_and_the_export_loads(world, tmp_path):
     out = tmp_path / "encoder"
-    stage, last = run_stage("encoder", encoder_overrides(world, out, 40) + ["loss.position_weight=1.0"])
+    stage, last = run_stage("encoder", encoder_overrides(world, out, 40) + ["loss.position_weight=1.0",
+                                                                          "loss.position_on=content"])
     log = [r for r in log_of(out) if "split" not in r]
     first, final = log[:3], log[-3:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
@@ -149,7 +150,21 @@ def test_patch_position_targets():
     assert grid[4].tolist() == [-0.25, -0.75] and grid[15].tolist() == [0.75, 0.75]
 
 
+def test_content_patches_are_those_unlike_the_background():
+    from lavit_mlx.training.stages.encoder import content_patches
+
+    pooled = np.full((2, 9, 4), 1.0, np.float32)  # 3 x 3 patches of 4 cells, white ...
+    pooled[0, 4, 1] = 0.2  # ... one cell of picture 0's centre patch coloured
+    pooled[1, [0, 8]] = -1.5  # two whole patches of picture 1
+    pooled[1, 5, 2] = 0.8  # a cell within the tolerance: still background
+    where = np.array(content_patches(mx.array(pooled)))
+    assert where[0].tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert where[1].tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 1]
+
+
 def test_bad_configs_are_one_line_errors(world):
+    with pytest.raises(LaVITError, match="loss.position_on 'edges': choose among all, content"):
+        load_run_config("encoder", None, [f"model.text_tokenizer={world / 'text'}", "loss.position_on=edges"])
     with pytest.raises(LaVITError, match="loss.position_weight -1.0: expected at least 0"):
         load_run_config("encoder", None, [f"model.text_tokenizer={world / 'text'}", "loss.position_weight=-1"])
     with pytest.raises(LaVITError, match="model.text_tokenizer"):
