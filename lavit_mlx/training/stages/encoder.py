@@ -59,7 +59,7 @@ from . import stage_builder
 
 INIT_STD = 0.02  # position embeddings and CLS token, as timm/EVA initialise them
 POSITION_ON = ("all", "content")
-CONTENT_TOLERANCE = 0.3  # normalised pixel units (~0.08 of the 0..1 range): a patch cell this far from the background's
+CONTENT_TOLERANCE = 0.3  # normalised pixel units (~0.08 of the 0..1 range): a cell this far off the background is content
 
 
 @dataclass
