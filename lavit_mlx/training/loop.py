@@ -336,7 +336,8 @@ class ParallelParts:
         for stream, piece in zip(self.streams, pieces):
             with mx.stream(stream):
                 results.append(self.part(piece))
-        (losses, metrics), grads = zip(*(values for values, _ in results)), [grad for _, grad in results]
+        losses, metrics = zip(*(values for values, _ in results))
+        grads = [grad for _, grad in results]
         loss = sum(losses[1:], losses[0]) / len(losses)
         grad = tree_map(lambda *g: sum(g[1:], g[0]) / len(g), *grads)
         joined = {k: (sum((m[k] for m in metrics[1:]), metrics[0][k]) / len(metrics) if metrics[0][k].size == 1
