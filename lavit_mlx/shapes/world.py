@@ -195,6 +195,44 @@ def parse_caption(text: str) -> List[Tuple[str, str, str]]:
     return [match.groups() for match in _MENTION.finditer(normal)]
 
 
+INK_LEVEL = 200  # a pixel whose darkest channel is below this is part of an object (the canvas is white)
+INK_FRACTION = 0.02  # a patch with more of its pixels inked than this holds part of an object
+
+
+def patch_objects(image, caption_text: str, patch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per patch of `image` (raster order), the object it shows, as class indices with 0 for
+    none: colour (1 + index in `COLOURS`), shape (1 + index in `SHAPES`), cell (1 + row * 3 + col).
+
+    The object is the caption's object in the cell that holds most of the patch's inked
+    pixels; a patch with at most `INK_FRACTION` inked, or whose cell the caption leaves
+    empty, shows none. `image` is a PIL image or an (H, W, 3) uint8 array (any size: cells
+    are thirds of it). Raises when the caption names no object of this world.
+    """
+    objects = {place: (colour, shape) for colour, shape, place in parse_caption(caption_text)}
+    if not objects:
+        raise LaVITError(f"the caption {caption_text!r} names no object of the shapes world")
+    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    H, W = pixels.shape[:2]
+    if H % patch or W % patch:
+        raise LaVITError(f"a {W}x{H} picture is not a whole number of {patch}-pixel patches")
+    ink = pixels.min(axis=2) < INK_LEVEL
+    cells = (np.arange(H)[:, None] * GRID // H) * GRID + (np.arange(W)[None, :] * GRID // W)  # (H, W)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    rows, cols = H // patch, W // patch
+    out = np.zeros((3, rows * cols), np.int32)
+    for index in range(rows * cols):
+        r, c = divmod(index, cols)
+        window = (slice(r * patch, (r + 1) * patch), slice(c * patch, (c + 1) * patch))
+        inked = ink[window]
+        if inked.mean() <= INK_FRACTION:
+            continue
+        cell = int(np.bincount(cells[window][inked], minlength=GRID * GRID).argmax())
+        found = objects.get(PLACES[cell])
+        if found is not None:
+            out[:, index] = (1 + colours.index(found[0]), 1 + shapes.index(found[1]), 1 + cell)
+    return out[0], out[1], out[2]
+
+
 def scene_from_prompt(text: str) -> Scene:
     """The scene a text-to-image prompt (a caption) asks for: each object centred in its cell.
 

@@ -103,14 +103,17 @@ def log_of(out: Path) -> list:
 def test_losses_fall_and_the_export_loads(world, tmp_path):
     out = tmp_path / "encoder"
     stage, last = run_stage("encoder", encoder_overrides(world, out, 40) + ["loss.position_weight=1.0",
-                                                                          "loss.position_on=content"])
+                                                                          "loss.position_on=content",
+                                                                          "loss.object_weight=1.0"])
     log = [r for r in log_of(out) if "split" not in r]
     first, final = log[:3], log[-3:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     assert mean(final, "patch_pixels") < 0.5 * mean(first, "patch_pixels")
     assert mean(final, "patch_position") < 0.5 * mean(first, "patch_position")
     assert mean(final, "contrastive") < mean(first, "contrastive") - 0.3
-    assert {"contrastive", "patch_pixels", "logit_scale", "retrieval_accuracy", "eval_contrastive"} <= set(last)
+    assert mean(final, "patch_objects") < 0.8 * mean(first, "patch_objects")
+    assert {"contrastive", "patch_pixels", "logit_scale", "retrieval_accuracy", "eval_contrastive",
+            "object_accuracy", "eval_patch_objects"} <= set(last)
     model = lavit_mlx.load(out / "model", components=["eva"])
     assert model.config.vision.width == 32 and model.config.vision.num_patches == 16
     assert model.config.token_ids.num_text == stage.vocab_size
@@ -162,7 +165,46 @@ def test_content_patches_are_those_unlike_the_background():
     assert where[1].tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 1]
 
 
+def test_patch_objects_are_the_scene_objects_under_each_patch():
+    from lavit_mlx.shapes.world import COLOURS, PLACES, SHAPES, caption, patch_objects, render, scenes
+
+    for scene in scenes(7, 20):
+        colour, shape, cell = patch_objects(render(scene), caption(scene), 28)
+        assert colour.shape == shape.shape == cell.shape == (64,)
+        assert ((colour > 0) == (cell > 0)).all() and ((shape > 0) == (cell > 0)).all()
+        for obj in scene.objects:
+            mine = np.flatnonzero(cell == 1 + PLACES.index(obj.place))
+            # the patch under the object's centre is labelled with it, and every patch so labelled
+            # carries its colour and shape and lies within a patch of its box
+            centre = int(obj.cy // 28) * 8 + int(obj.cx // 28)
+            assert centre in mine
+            assert (colour[mine] == 1 + list(COLOURS).index(obj.colour)).all()
+            assert (shape[mine] == 1 + SHAPES.index(obj.shape)).all()
+            x0, y0, x1, y1 = obj.box
+            rows, cols = mine // 8, mine % 8
+            assert (rows * 28 < y1).all() and ((rows + 1) * 28 > y0).all()
+            assert (cols * 28 < x1).all() and ((cols + 1) * 28 > x0).all()
+        assert int((cell > 0).sum()) >= 4 * len(scene.objects)  # a 40 px object covers at least 2 x 2 patches
+    with pytest.raises(LaVITError, match="names no object of the shapes world"):
+        patch_objects(render(next(scenes(7, 1))), "a photo of a dog", 28)
+
+
+def test_the_object_term_refuses_other_worlds_captions(world, tmp_path):
+    from lavit_mlx.shapes.world import render, scenes
+
+    folder = tmp_path / "other"
+    (folder / "images").mkdir(parents=True)
+    render(next(scenes(3, 1))).save(folder / "images" / "0.png")
+    (folder / "manifest.jsonl").write_text(json.dumps({"image": "images/0.png", "text": "a photo of a dog"}) + "\n")
+    overrides = encoder_overrides(world, tmp_path / "run", 2) + [f"data.train={folder / 'manifest.jsonl'}",
+                                                                 "loss.object_weight=1.0", "train.batch_size=1"]
+    with pytest.raises(LaVITError, match="loss.object_weight needs the shapes world's captions"):
+        run_stage("encoder", overrides)
+
+
 def test_bad_configs_are_one_line_errors(world):
+    with pytest.raises(LaVITError, match="loss.object_weight -2.0: expected at least 0"):
+        load_run_config("encoder", None, [f"model.text_tokenizer={world / 'text'}", "loss.object_weight=-2"])
     with pytest.raises(LaVITError, match="loss.position_on 'edges': choose among all, content"):
         load_run_config("encoder", None, [f"model.text_tokenizer={world / 'text'}", "loss.position_on=edges"])
     with pytest.raises(LaVITError, match="loss.position_weight -1.0: expected at least 0"):

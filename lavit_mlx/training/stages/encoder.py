@@ -32,6 +32,18 @@ LaVIT's tokenizer reads a frozen pretrained CLIP ViT (EVA-CLIP ViT-g/14, referen
   (7.5 / 22.8 / 33.5). Over that encoder the LLM stage (1400 steps) still captioned places
   right only 21% of the time and colours 58% (80% in the bundled model), so the bundled
   model does not use the term: the LLM does not yet read the place the features carry.
+- optionally (`loss.object_weight`, default 0: off; the shapes world only) a per-patch
+  object term: a linear head on every normed patch feature classifies the colour, shape
+  and cell of the object the patch shows (or none), cross-entropy against labels the
+  world's generator knows (`lavit_mlx.shapes.world.patch_objects`: the caption's object
+  in the cell that holds most of the patch's ink). Why: a pretrained CLIP's patch
+  features already say which object a patch belongs to; this encoder's, after a few
+  hundred contrastive steps, hold the patch's own colour and little else, and the LLM
+  cannot bind shape and place from them. Measured: with ideal object-level inputs (each
+  kept token the sum of its object's colour, shape and cell embeddings) the same tiny LLM
+  reaches 95% held-out caption-token accuracy in 600 steps, against 71% on the features
+  of the contrastive encoder. The term is dense supervision from the synthetic world,
+  stated as such in the model card, not something LaVIT's recipe has.
 
 Negatives are the rank's own batch (no all_gather). Only `eva` is exported (with its
 config) into `out/model` via `save_components`; the text tower is a training aid.
@@ -47,6 +59,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from PIL import Image
 
 from ...config import EVAConfig, LaVITConfig, TokenIds, mlp_width
 from ...data import DataStream, batches, merge_states
@@ -59,6 +72,7 @@ from . import stage_builder
 
 INIT_STD = 0.02  # position embeddings and CLS token, as timm/EVA initialise them
 POSITION_ON = ("all", "content")
+OBJECT_CLASSES = (1 + 6, 1 + 3, 1 + 9)  # colour, shape, cell of a patch's object; class 0: none
 CONTENT_TOLERANCE = 0.3  # normalised pixel units (~0.08 of the 0..1 range): a cell this far off the background is content
 
 
@@ -104,6 +118,7 @@ class EncoderLoss:
     patch_grid: int = 4  # each patch's pixels pooled to grid x grid per colour channel
     position_weight: float = 0.0  # the auxiliary per-patch position regression (0: off)
     position_on: str = "all"  # the patches it applies to: all, or content (those unlike the picture's background)
+    object_weight: float = 0.0  # the per-patch object term on the shapes world's scene labels (0: off)
 
     def check(self) -> None:
         if not 0 < self.temperature < 1:
@@ -112,6 +127,8 @@ class EncoderLoss:
             raise LaVITError("loss.patch_grid must be at least 1 and loss.patch_weight at least 0")
         if self.position_weight < 0:
             raise LaVITError(f"loss.position_weight {self.position_weight}: expected at least 0")
+        if self.object_weight < 0:
+            raise LaVITError(f"loss.object_weight {self.object_weight}: expected at least 0")
         if self.position_on not in POSITION_ON:
             raise LaVITError(f"loss.position_on {self.position_on!r}: choose among {', '.join(POSITION_ON)}")
 
@@ -212,6 +229,8 @@ class ContrastivePretraining(nn.Module):
         self.patch_head = nn.Linear(eva_config.width, 3 * loss.patch_grid ** 2)
         if loss.position_weight > 0:
             self.position_head = nn.Linear(eva_config.width, 2)
+        if loss.object_weight > 0:
+            self.object_head = nn.Linear(eva_config.width, sum(OBJECT_CLASSES))
 
 
 def patch_positions(grid: int) -> mx.array:
@@ -240,6 +259,27 @@ def pooled_patches(pixels: mx.array, patch: int, grid: int) -> mx.array:
     x = pixels.reshape(B, C, H // patch, grid, cell, W // patch, grid, cell).mean(axis=(4, 7))
     x = x.transpose(0, 2, 4, 1, 3, 5)  # (B, rows, cols, C, grid, grid)
     return x.reshape(B, (H // patch) * (W // patch), C * grid * grid)
+
+
+def object_loss(logits: mx.array, labels: mx.array) -> tuple:
+    """(the colour, shape and cell classifications' cross-entropy, its mean over the object
+    patches plus its mean over the others; the fraction of object patches with all three right).
+
+    The two means weigh the few object patches as much as the many background ones, whose
+    "none" is learnt at once. logits (B, patches, sum(OBJECT_CLASSES)); labels (B, 3,
+    patches) class indices, 0: none.
+    """
+    ce, all_right, start = 0.0, None, 0
+    for part, classes in enumerate(OBJECT_CLASSES):
+        scores, target = logits[..., start:start + classes], labels[:, part]
+        ce = ce + nn.losses.cross_entropy(scores, target) / len(OBJECT_CLASSES)  # (B, patches)
+        right = mx.argmax(scores, axis=-1) == target
+        all_right = right if all_right is None else all_right & right
+        start += classes
+    objects = (labels[:, 0] > 0).astype(mx.float32)
+    count, others = mx.maximum(mx.sum(objects), 1.0), mx.maximum(mx.sum(1.0 - objects), 1.0)
+    loss = mx.sum(ce * objects) / count + mx.sum(ce * (1.0 - objects)) / others
+    return loss, mx.sum(all_right.astype(mx.float32) * objects) / count
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -272,7 +312,18 @@ class EncoderStage(Stage):
         ids = (self.text_tokenizer.encode(sample.text) + [eos])[: self.model_config.text_length]
         padded = np.full((self.model_config.text_length,), eos, np.int32)
         padded[: len(ids)] = ids
-        return {"text": padded, "length": np.int32(len(ids))}
+        fields = {"text": padded, "length": np.int32(len(ids))}
+        if self.loss_config.object_weight > 0:
+            from ...shapes.world import patch_objects
+
+            size = self.config.data.image_size
+            picture = sample.image.convert("RGB").resize((size, size), Image.NEAREST)
+            try:
+                colour, shape, cell = patch_objects(picture, sample.text, self.eva_config.patch_size)
+            except LaVITError as error:
+                raise LaVITError(f"loss.object_weight needs the shapes world's captions: {error}") from None
+            fields["objects"] = np.stack([colour, shape, cell])  # (3, patches)
+        return fields
 
     def loss(self, model, batch):
         features = model.eva(batch["pixels"])  # (B, 1 + patches, width), before the final norm
@@ -306,6 +357,10 @@ class EncoderStage(Stage):
                 position = mx.mean(error)
             metrics["patch_position"] = position
             loss = loss + self.loss_config.position_weight * position
+        if self.loss_config.object_weight > 0:
+            term, right = object_loss(model.object_head(normed[:, 1:]), batch["objects"])
+            metrics["patch_objects"], metrics["object_accuracy"] = term, right
+            loss = loss + self.loss_config.object_weight * term
         return loss, metrics
 
     def batches(self):
