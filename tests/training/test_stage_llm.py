@@ -310,10 +310,28 @@ def test_lora_trains_exactly_its_parameters(tiny_init, shapes_data, tmp_path, ra
     assert bool(first_block) == (layers == -1)
 
 
+def test_an_identity_understanding_merger_passes_the_features_through(tiny_init):
+    from lavit_mlx.training.stages.llm import build_understanding
+
+    lavit = lavit_mlx.load(tiny_init)
+    features = mx.random.normal((2, 64, 32), key=mx.random.key(3))
+    keep = (mx.random.uniform(shape=(2, 64), key=mx.random.key(4)) < 0.4).astype(mx.float32)
+    identity, new = build_understanding(lavit, 48, init="identity")
+    assert new and identity.vit_proj.weight.shape == (48, 32)
+    merger = identity.causal_encoder
+    # the blocks add nothing: each patch's feature comes out through the final LayerNorm only
+    assert mx.allclose(merger(features, keep), merger.norm(features), atol=1e-5)
+    copied, _ = build_understanding(lavit, 48)  # the tokenizer's merger, as the release loads it
+    assert mx.allclose(copied.causal_encoder(features, keep), lavit.tokenizer.causal_encoder(features, keep),
+                       atol=1e-5)
+    assert not mx.allclose(copied.causal_encoder(features, keep), merger.norm(features), atol=1e-3)
+
+
 def test_bad_stage_settings_are_one_line_errors(tiny_init, shapes_data, tmp_path):
     from lavit_mlx.errors import LaVITError
 
     for overrides, message in [(["model.understanding=half"], "model.understanding"),
+                               (["model.understanding_init=zeros"], "model.understanding_init 'zeros'"),
                                (["model.quantize=4"], "QLoRA"),
                                (["loss.generation_targets=pixels"], "loss.generation_targets"),
                                (["loss.samples=[captions]"], "loss.samples"),
