@@ -102,6 +102,7 @@ TOKENIZER_DEFAULTS = {"steps": 600, "batch_size": 32, "learning_rate": 1e-3, "wa
 TARGETS = ("both", "text", "image")
 SAMPLE_KINDS = ("caption", "vqa")
 UNDERSTANDING_MODES = ("train", "projection", "frozen")
+UNDERSTANDING_INITS = ("tokenizer", "identity")
 EXPORTS = ("model", "adapter", "both")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -142,6 +143,7 @@ class LLMModelSection:
     llm: dict = field(default_factory=dict)  # sizes of an LLM from scratch (config.json keys; vocab is derived)
     text_tokenizer: Optional[str] = None  # folder with tokenizer.model; default the LLM's
     understanding: str = "train"  # train (merger + vit_proj with the LLM) | projection (vit_proj only) | frozen
+    understanding_init: str = "tokenizer"  # a new understanding merger: the tokenizer's | identity
     quantize: Optional[int] = None  # 4 | 8: QLoRA (MLX only)
     group_size: int = 64
     lora: LoRASection = field(default_factory=LoRASection)
@@ -161,6 +163,9 @@ class LLMModelSection:
             raise LaVITError("give model.language_model (grow a text LLaMA) or model.llm (sizes from scratch), not both")
         if self.understanding not in UNDERSTANDING_MODES:
             raise LaVITError(f"model.understanding {self.understanding!r}: choose {' or '.join(UNDERSTANDING_MODES)}")
+        if self.understanding_init not in UNDERSTANDING_INITS:
+            raise LaVITError(f"model.understanding_init {self.understanding_init!r}: choose "
+                             f"{' or '.join(UNDERSTANDING_INITS)}")
         if self.quantize not in (None, 4, 8):
             raise LaVITError(f"model.quantize {self.quantize}: expected 4 or 8")
         if self.quantize and not self.lora.enabled:

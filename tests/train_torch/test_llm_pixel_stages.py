@@ -105,3 +105,20 @@ def test_pixel_stage_loss_falls(folders, tmp_path):
     report = convert_to_mlx(out / "model", tmp_path / "mlx", ConvertOptions(vision_heads=builders.HEADS))
     assert "highres_pixel" in report.components
     assert lavit_mlx.load(tmp_path / "mlx").pixel_decoder(True) is not None
+
+
+def test_an_identity_understanding_merger_passes_the_features_through(folders):
+    import torch
+
+    from lavit_train.stages.llm import build_understanding
+
+    torch.manual_seed(0)
+    identity = build_understanding(folders["release"], 24, builders.HEADS, 0.02, "identity")
+    copied = build_understanding(folders["release"], 24, builders.HEADS, 0.02)
+    width = identity.vit_proj.weight.shape[1]
+    features = torch.randn(2, 16, width)
+    keep = (torch.rand(2, 16) < 0.4).float()
+    with torch.no_grad():
+        merged = identity.causal_encoder(features, keep)
+        assert torch.allclose(merged, identity.causal_encoder.norm(features), atol=1e-5)
+        assert not torch.allclose(copied.causal_encoder(features, keep), merged, atol=1e-3)

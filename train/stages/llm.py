@@ -132,10 +132,13 @@ def text_tokenizer_folder(section: LLMModelSection, init: Path) -> Path:
     return folder
 
 
-def build_understanding(init: Path, hidden: int, heads: Optional[int], embed_rms: float):
+def build_understanding(init: Path, hidden: int, heads: Optional[int], embed_rms: float,
+                        start: str = "tokenizer"):
     """The init folder's understanding path, or one made from its tokenizer (selector and
     merger copied, as the release loads `visual_weight.bin` over the tokenizer) with a new
-    `vit_proj` whose outputs start as large as a word embedding (RMS `embed_rms`)."""
+    `vit_proj` whose outputs start as large as a word embedding (RMS `embed_rms`).
+    `start="identity"`: the new merger's output projections zeroed, so that it passes the
+    features through (the MLX stage's `build_understanding` says why)."""
     if release.has_component(init, "understanding"):
         module = release.load_tokenizer(init, heads, understanding=True)
         if module.vit_proj.out_features == hidden:
@@ -148,6 +151,11 @@ def build_understanding(init: Path, hidden: int, heads: Optional[int], embed_rms
         width = module.vit_proj.weight.shape[1]
         module.vit_proj.weight.normal_(0.0, embed_rms / width ** 0.5)
         module.vit_proj.bias.zero_()
+        if start == "identity":
+            for block in module.causal_encoder.blocks:
+                for layer in (block.token_causal_attn.proj, block.token_cross_attn.proj, block.mlp.fc2):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
     return module
 
 
@@ -241,7 +249,8 @@ class LLMStage(Stage):
         llm, self.llm_config, self.token_ids = build_language_model(
             section, self.init, tokenizer.config.codebook_size, self.tokenizer_folder, config.train.seed)
         embed_rms = float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
-        understanding = build_understanding(self.init, llm.config.hidden_size, heads, embed_rms)
+        understanding = build_understanding(self.init, llm.config.hidden_size, heads, embed_rms,
+                                            section.understanding_init)
         understanding.requires_grad_(False)
         if section.understanding == "train":
             understanding.causal_encoder.requires_grad_(True)
