@@ -538,8 +538,11 @@ def _write_eval(report, predictions, out: Path, as_json: bool) -> None:
     else:
         typer.echo(format_table([{"metric": k, "value": v} for k, v in _flat_metrics(report["metrics"])]))
         passed = (report.get("settings") or {}).get("passed")
-        if passed:
-            typer.echo(format_table([{"gate": k, "passed": "yes" if v else "NO"} for k, v in passed.items()]))
+        skipped = (report.get("settings") or {}).get("skipped") or {}
+        if passed or skipped:
+            rows = [{"gate": k, "passed": "yes" if v else "NO"} for k, v in (passed or {}).items()]
+            rows += [{"gate": k, "passed": f"skipped ({why})"} for k, why in skipped.items()]
+            typer.echo(format_table(rows))
     _note(f"report: {path}")
 
 

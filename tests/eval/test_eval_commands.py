@@ -109,3 +109,27 @@ def test_plot_a_training_run(cli, tmp_path):
     assert (run / "curves.png").stat().st_size > 5000
     code, _, err = cli("plot", tmp_path / "nothing")
     assert code == 1 and "no log.jsonl" in err
+
+
+def test_eval_shapes_without_a_pixel_decoder_measures_the_rest(cli, tmp_path):
+    """An LLM stage's export has no pixel decoder: the image gates are skipped, the rest reported."""
+    from lavit_mlx.export import write_manifest
+    from lavit_mlx.zoo import BUNDLED_MODEL
+
+    folder = tmp_path / "no-pixels"
+    shutil.copytree(BUNDLED_MODEL, folder)
+    shutil.rmtree(folder / "highres_pixel_decoding")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("highres_pixel")
+    config["components"] = [c for c in config["components"] if c != "highres_pixel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    write_manifest(folder)
+    code, out, err = cli("eval", "shapes", "--model", folder, "--scenes", "2", "--prompts", "1",
+                         "--reconstructions", "1", "--out", tmp_path / "eval")
+    assert code == 0, err[-2000:]
+    assert "skipped (the model holds no highres_pixel)" in out
+    report, predictions = report_of(tmp_path / "eval", "shapes")
+    assert {"caption_all_right", "vqa", "tokens_1_objects", "kept_fraction"} <= set(report["metrics"])
+    assert "t2i_shape" not in report["metrics"] and "reconstruction_colour_and_cell" not in report["metrics"]
+    assert set(report["settings"]["skipped"]) == {"t2i_colour_and_cell", "t2i_shape", "reconstruction_colour_and_cell"}
+    assert {p["kind"] for p in predictions} == {"caption", "vqa"}
