@@ -41,9 +41,11 @@ LaVIT's tokenizer reads a frozen pretrained CLIP ViT (EVA-CLIP ViT-g/14, referen
   hundred contrastive steps, hold the patch's own colour and little else, and the LLM
   cannot bind shape and place from them. Measured: with ideal object-level inputs (each
   kept token the sum of its object's colour, shape and cell embeddings) the same tiny LLM
-  reaches 95% held-out caption-token accuracy in 600 steps, against 71% on the features
-  of the contrastive encoder. The term is dense supervision from the synthetic world,
-  stated as such in the model card, not something LaVIT's recipe has.
+  reaches 95% held-out caption-token accuracy in 600 steps on captions alone; over this
+  term's encoder (weight 2, 400 steps: a linear probe reads an object patch's colour 99.5%,
+  cell 87%, shape 56%, against 91%, 24%, 47% without it) the same run reaches 81%. The
+  term is dense supervision from the synthetic world, stated as such in the model card,
+  not something LaVIT's recipe has; the bundled model does not use it yet.
 
 Negatives are the rank's own batch (no all_gather). Only `eva` is exported (with its
 config) into `out/model` via `save_components`; the text tower is a training aid.
