@@ -195,6 +195,7 @@ def parse_caption(text: str) -> List[Tuple[str, str, str]]:
     return [match.groups() for match in _MENTION.finditer(normal)]
 
 
+PATCH_CLASSES = (1 + len(COLOURS), 1 + len(SHAPES), 1 + GRID * GRID)  # `patch_objects`' classes, 0: none
 INK_LEVEL = 200  # a pixel whose darkest channel is below this is part of an object (the canvas is white)
 INK_FRACTION = 0.02  # a patch with more of its pixels inked than this holds part of an object
 

@@ -68,13 +68,13 @@ from ...data import DataStream, batches, merge_states
 from ...errors import LaVITError
 from ...image_processing import preprocess
 from ...models.eva_vit import EVAVisionTransformer
+from ...shapes.world import PATCH_CLASSES, patch_objects
 from ..config import RunConfig, register_stage
 from ..loop import Stage, World
 from . import stage_builder
 
 INIT_STD = 0.02  # position embeddings and CLS token, as timm/EVA initialise them
 POSITION_ON = ("all", "content")
-OBJECT_CLASSES = (1 + 6, 1 + 3, 1 + 9)  # colour, shape, cell of a patch's object; class 0: none
 CONTENT_TOLERANCE = 0.3  # normalised pixel units (~0.08 of the 0..1 range): a cell this far off the background is content
 
 
@@ -232,7 +232,7 @@ class ContrastivePretraining(nn.Module):
         if loss.position_weight > 0:
             self.position_head = nn.Linear(eva_config.width, 2)
         if loss.object_weight > 0:
-            self.object_head = nn.Linear(eva_config.width, sum(OBJECT_CLASSES))
+            self.object_head = nn.Linear(eva_config.width, sum(PATCH_CLASSES))
 
 
 def patch_positions(grid: int) -> mx.array:
@@ -268,13 +268,13 @@ def object_loss(logits: mx.array, labels: mx.array) -> tuple:
     patches plus its mean over the others; the fraction of object patches with all three right).
 
     The two means weigh the few object patches as much as the many background ones, whose
-    "none" is learnt at once. logits (B, patches, sum(OBJECT_CLASSES)); labels (B, 3,
+    "none" is learnt at once. logits (B, patches, sum(PATCH_CLASSES)); labels (B, 3,
     patches) class indices, 0: none.
     """
     ce, all_right, start = 0.0, None, 0
-    for part, classes in enumerate(OBJECT_CLASSES):
+    for part, classes in enumerate(PATCH_CLASSES):
         scores, target = logits[..., start:start + classes], labels[:, part]
-        ce = ce + nn.losses.cross_entropy(scores, target) / len(OBJECT_CLASSES)  # (B, patches)
+        ce = ce + nn.losses.cross_entropy(scores, target) / len(PATCH_CLASSES)  # (B, patches)
         right = mx.argmax(scores, axis=-1) == target
         all_right = right if all_right is None else all_right & right
         start += classes
@@ -316,8 +316,6 @@ class EncoderStage(Stage):
         padded[: len(ids)] = ids
         fields = {"text": padded, "length": np.int32(len(ids))}
         if self.loss_config.object_weight > 0:
-            from ...shapes.world import patch_objects
-
             size = self.config.data.image_size
             picture = sample.image.convert("RGB").resize((size, size), Image.NEAREST)
             try:
