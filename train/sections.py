@@ -213,6 +213,7 @@ class LLMLossSection:
     drop_text: float = 0.0  # generation pairs whose text is dropped: the unconditional branch of guidance
     caption_suffix: str = "."  # appended to [image, text] captions (inference cuts at the first '.')
     answer_suffix: str = "."  # appended to answers (VQA decodes at least 2 tokens and cuts at '.')
+    content_words: list = field(default_factory=list)  # their pieces' accuracy is logged as content_accuracy
 
     def check(self) -> None:
         bad = [k for k in self.samples if k not in SAMPLE_KINDS]
@@ -226,6 +227,9 @@ class LLMLossSection:
                 raise LaVITError(f"loss.{name} {getattr(self, name)}: expected 0..1")
         if self.text_weight < 0 or self.image_weight < 0 or self.text_weight + self.image_weight == 0:
             raise LaVITError("loss.text_weight and loss.image_weight must be >= 0, not both 0")
+        odd = [w for w in self.content_words if not isinstance(w, str) or not w.strip()]
+        if odd:
+            raise LaVITError(f"loss.content_words: expected a list of words, got {odd[0]!r} in it")
 
 
 LLM_DEFAULTS = {"steps": 2000, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 100,

@@ -21,6 +21,7 @@ def test_llm_stage_loss_falls(folders, tmp_path):
         "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 10},
         "train": {"steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1, "log_every": 1,
                   "save_every": 0, "gradient_checkpointing": True},
+        "loss": {"content_words": ["red", "circle", "top"]},
     })
     out = tmp_path / "run"
     checked(run_driver(config, out))
@@ -28,6 +29,8 @@ def test_llm_stage_loss_falls(folders, tmp_path):
     assert sum(values[-3:]) / 3 < 0.8 * sum(values[:3]) / 3, values
     record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert record["tokens_per_image"] > 0 and "text_loss" in record and "image_loss" in record
+    assert all(0 <= r["content_accuracy"] <= 1 for r in map(
+        json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r)
     model = out / "model"
     assert (model / "language_model" / "model.safetensors").is_file()
     assert (model / "language_model" / "tokenizer.model").is_file()

@@ -327,6 +327,24 @@ def test_an_identity_understanding_merger_passes_the_features_through(tiny_init)
     assert not mx.allclose(copied.causal_encoder(features, keep), merger.norm(features), atol=1e-3)
 
 
+def test_content_accuracy_counts_the_content_pieces_only(tiny_init, shapes_data, tmp_path):
+    """`loss.content_words`: content_accuracy is the accuracy over the text targets that are
+    pieces of those words, and the loss does not change."""
+    stage, _ = stage_for(tiny_init, shapes_data, tmp_path / "run", "loss.content_words=[red, circle, top]",
+                         "loss.generation_fraction=0")
+    plain, _ = stage_for(tiny_init, shapes_data, tmp_path / "plain", "loss.generation_fraction=0")
+    batch = next(stage.batches())
+    loss, metrics = stage.loss(stage.model, batch)
+    assert "content_accuracy" not in plain.loss(stage.model, batch)[1]
+    assert float(loss) == pytest.approx(float(plain.loss(stage.model, batch)[0]), rel=1e-6)
+    pieces = {i for word in ("red", "circle", "top") for i in stage.text.encode(word)}
+    targets, text = np.array(batch["targets"]), np.array(batch["text_mask"]) > 0
+    content = text & np.isin(targets, sorted(pieces))
+    assert 0 < content.sum() < text.sum()
+    right = np.argmax(np.array(stage.logits(stage.model, batch)), axis=-1) == targets
+    assert float(metrics["content_accuracy"]) == pytest.approx(right[content].mean(), abs=1e-6)
+
+
 def test_bad_stage_settings_are_one_line_errors(tiny_init, shapes_data, tmp_path):
     from lavit_mlx.errors import LaVITError
 
@@ -335,7 +353,8 @@ def test_bad_stage_settings_are_one_line_errors(tiny_init, shapes_data, tmp_path
                                (["model.quantize=4"], "QLoRA"),
                                (["loss.generation_targets=pixels"], "loss.generation_targets"),
                                (["loss.samples=[captions]"], "loss.samples"),
-                               (["model.lora.rank=4", "model.lora.layers=9"], "only 2 blocks")]:
+                               (["model.lora.rank=4", "model.lora.layers=9"], "only 2 blocks"),
+                               (['loss.content_words=["red", " "]'], "loss.content_words")]:
         with pytest.raises(LaVITError, match=message) as info:
             stage_for(tiny_init, shapes_data, tmp_path / "run", *overrides)
         assert "\n" not in str(info.value)

@@ -36,6 +36,7 @@ from torch import nn
 from lavit_mlx.config import LLMConfig, TokenIds
 from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES, RELEASE_FOLDERS
+from lavit_mlx.training.stages.llm import content_table
 
 from .. import checkpoint as release
 from ..data import StreamLoader, eval_loader, even_batches
@@ -169,6 +170,7 @@ class UnifiedTraining(nn.Module):
         self.eva, self.tokenizer, self.understanding, self.llm = eva, tokenizer, understanding, llm
         self.token_ids, self.section, self.loss_config, self.world = token_ids, section, loss, world
         self.understanding_mode = section.understanding  # train | projection | frozen
+        self.content = None  # (vocab,) 1 at the pieces of loss.content_words (set by the stage)
 
     @torch.no_grad()
     def train(self, mode: bool = True):
@@ -216,10 +218,15 @@ class UnifiedTraining(nn.Module):
         loss = (ce * weights).sum() / count
         n_text = world.global_sum(text.sum()).clamp_min(1.0) / world.size
         n_image = world.global_sum(image.sum()).clamp_min(1.0) / world.size
-        return loss, {"text_loss": (ce * text).sum() / n_text, "image_loss": (ce * image).sum() / n_image,
-                      "text_accuracy": (right * text).sum() / n_text,
-                      "image_accuracy": (right * image).sum() / n_image,
-                      "tokens_per_image": world.global_sum(keep.sum()) / (world.size * keep.shape[0])}
+        metrics = {"text_loss": (ce * text).sum() / n_text, "image_loss": (ce * image).sum() / n_image,
+                   "text_accuracy": (right * text).sum() / n_text,
+                   "image_accuracy": (right * image).sum() / n_image,
+                   "tokens_per_image": world.global_sum(keep.sum()) / (world.size * keep.shape[0])}
+        if self.content is not None:
+            content = self.content.to(device)[targets] * text
+            n_content = world.global_sum(content.sum()).clamp_min(1.0) / world.size
+            metrics["content_accuracy"] = (right * content).sum() / n_content
+        return loss, metrics
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -263,6 +270,9 @@ class LLMStage(Stage):
             eva, tokenizer = eva.to(torch.bfloat16), tokenizer.to(torch.bfloat16)
         self.module = UnifiedTraining(eva.eval(), tokenizer.eval(), understanding, llm, self.token_ids, section,
                                       self.loss_config, world).to(world.device)
+        table = content_table(self.text, self.loss_config.content_words, self.token_ids.vocab_size)
+        if table is not None:
+            self.module.content = torch.from_numpy(table)
         self.data = self._loader(config.data.train, shuffle=True)
 
     # ----- data

@@ -136,6 +136,10 @@ class LLMLossSection:
     drop_text: float = 0.0  # generation pairs whose text is dropped: the unconditional branch of guidance
     caption_suffix: str = "."  # appended to [image, text] captions (inference cuts at the first '.')
     answer_suffix: str = "."  # appended to answers (VQA decodes at least 2 tokens and cuts at '.')
+    # words whose pieces' accuracy is logged apart, as content_accuracy: the words that carry
+    # the picture (colours, shapes, places), which the grammar's near-certain tokens drown
+    # in text_accuracy; a metric only, the loss is unchanged
+    content_words: list = field(default_factory=list)
 
     def check(self) -> None:
         bad = [k for k in self.samples if k not in SAMPLE_KINDS]
@@ -149,6 +153,9 @@ class LLMLossSection:
                 raise LaVITError(f"loss.{name} {getattr(self, name)}: expected 0..1")
         if self.text_weight < 0 or self.image_weight < 0 or self.text_weight + self.image_weight == 0:
             raise LaVITError("loss.text_weight and loss.image_weight must be >= 0, not both 0")
+        odd = [w for w in self.content_words if not isinstance(w, str) or not w.strip()]
+        if odd:
+            raise LaVITError(f"loss.content_words: expected a list of words, got {odd[0]!r} in it")
 
 
 register_stage("llm", LLMModelSection, LLMLossSection,
@@ -464,6 +471,21 @@ def build_understanding(lavit, hidden: int, log=None, init: str = "tokenizer") -
     return module.eval(), True
 
 
+def content_table(text, words: List[str], vocab_size: int) -> Optional[np.ndarray]:
+    """(vocab,) float32: 1 at the pieces of `words` (as they are written inside a sentence),
+    0 elsewhere; None when no word is given. A word the tokenizer cannot write is an error.
+    Both trainers' `content_accuracy` (numpy, so that the PyTorch stage uses it as it is)."""
+    if not words:
+        return None
+    table = np.zeros(vocab_size, np.float32)
+    for word in words:
+        pieces = [i for i in text.encode(word) if i not in text.special_ids]
+        if not pieces or any(i == text.token_ids.unk for i in text.encode(word)):
+            raise LaVITError(f"loss.content_words: {word!r} is not written by the text tokenizer's pieces")
+        table[pieces] = 1.0
+    return table
+
+
 def scale_projection(projection: nn.Linear, target_rms: float) -> None:
     """Start `vit_proj` so that a visual embedding is as large as a word embedding: the merger
     ends in a LayerNorm (unit-RMS features), so N(0, (target / sqrt(W))^2) weights give outputs
@@ -501,6 +523,8 @@ class LLMStage(Stage):
         from ...models.llm import TextTokenizer
 
         self.text = TextTokenizer.from_folder(self.tokenizer_folder, self.token_ids)
+        table = content_table(self.text, self.loss_config.content_words, self.token_ids.vocab_size)
+        self.content_table = None if table is None else mx.array(table)
         understanding, new_projection = build_understanding(self.lavit, lm.hidden_size, self._log,
                                                             section.understanding_init)
         embedding = lm.model.model.embed_tokens
@@ -652,9 +676,13 @@ class LLMStage(Stage):
         count = mx.maximum(mx.sum(text + image), 1.0)
         loss = mx.sum(ce * weights) / count
         n_text, n_image = mx.maximum(mx.sum(text), 1.0), mx.maximum(mx.sum(image), 1.0)
-        return loss, {"text_loss": mx.sum(ce * text) / n_text, "image_loss": mx.sum(ce * image) / n_image,
-                      "text_accuracy": mx.sum(right * text) / n_text,
-                      "image_accuracy": mx.sum(right * image) / n_image}
+        metrics = {"text_loss": mx.sum(ce * text) / n_text, "image_loss": mx.sum(ce * image) / n_image,
+                   "text_accuracy": mx.sum(right * text) / n_text,
+                   "image_accuracy": mx.sum(right * image) / n_image}
+        if self.content_table is not None:
+            content = self.content_table[targets] * text  # (B, L): text targets that are content pieces
+            metrics["content_accuracy"] = mx.sum(right * content) / mx.maximum(mx.sum(content), 1.0)
+        return loss, metrics
 
     def evaluate(self) -> Dict[str, float]:
         """Mean loss and accuracies on the first `train.eval_batches` batches of `data.eval`."""
