@@ -70,7 +70,7 @@ def _stderr():
 
 
 def _note(text: str) -> None:
-    _stderr().print(text, markup=False)
+    _stderr().print(text, markup=False, soft_wrap=True)  # one line, whatever the width (paths, logs)
 
 
 class Reporter:

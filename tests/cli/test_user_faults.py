@@ -202,7 +202,10 @@ def test_generation_output_without_a_terminal(cli, tiny_args, tmp_path):
     code, _, err = cli("generate", "-p", "a red car", *tiny_args, "--width", "32", "--height", "32", "--steps", "2",
                        "--seed", str(seed + 1), "--out", tmp_path / "again.png")
     assert code == 0, err
-    assert np.array_equal(np.asarray(second), np.asarray(Image.open(tmp_path / "again.png")))
+    # the same seed and path; a batch of 1 and of 2 may round differently in BLAS (seen on
+    # OpenBLAS's Haswell kernel), so the pixels agree to a level, not always to the bit
+    again = np.asarray(Image.open(tmp_path / "again.png")).astype(int)
+    assert np.abs(np.asarray(second).astype(int) - again).max() <= 2
 
 
 def test_reconstruction_metadata_has_no_llm_settings(cli, tiny_args, official_tiny, tmp_path):

@@ -444,10 +444,10 @@ def test_banded_convs_equal_unbanded(batch, h, w, cin, cout, stride, pad, upsamp
     monkeypatch.setattr(cpu_conv, "CONV_BAND_BYTES", 16 * 1024)
     banded = run()
     assert max(len(b) for b in bands) > 2  # it really ran in bands
-    # Winograd bands compute every tile as before; MLX's conv of fewer rows may round
-    # differently in BLAS.
-    assert np.array_equal(banded, whole) if cpu_conv.winograd_tile(x, weight, stride, pad) else (
-        max_rel(banded, whole) <= 1e-6)
+    # Winograd bands compute every tile as before, but a GEMM of fewer rows may round
+    # differently in BLAS (OpenBLAS's Haswell kernel does, its SkylakeX kernel did not), as
+    # MLX's conv of fewer rows does
+    assert max_rel(banded, whole) <= 2e-5  # float32 rounding of the transformed tiles (5.6e-6 seen)
 
 
 @pytest.mark.parametrize("native", [False, True])
