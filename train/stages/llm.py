@@ -223,7 +223,7 @@ class UnifiedTraining(nn.Module):
                    "image_accuracy": (right * image).sum() / n_image,
                    "tokens_per_image": world.global_sum(keep.sum()) / (world.size * keep.shape[0])}
         if self.content is not None:
-            content = self.content.to(device)[targets] * text
+            content = self.content[targets] * text
             n_content = world.global_sum(content.sum()).clamp_min(1.0) / world.size
             metrics["content_accuracy"] = (right * content).sum() / n_content
         return loss, metrics
@@ -272,7 +272,7 @@ class LLMStage(Stage):
                                       self.loss_config, world).to(world.device)
         table = content_table(self.text, self.loss_config.content_words, self.token_ids.vocab_size)
         if table is not None:
-            self.module.content = torch.from_numpy(table)
+            self.module.content = torch.from_numpy(table).to(world.device)  # moved once, not per step
         self.data = self._loader(config.data.train, shuffle=True)
 
     # ----- data

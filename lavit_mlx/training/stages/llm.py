@@ -479,8 +479,9 @@ def content_table(text, words: List[str], vocab_size: int) -> Optional[np.ndarra
         return None
     table = np.zeros(vocab_size, np.float32)
     for word in words:
-        pieces = [i for i in text.encode(word) if i not in text.special_ids]
-        if not pieces or any(i == text.token_ids.unk for i in text.encode(word)):
+        ids = text.encode(word)
+        pieces = [i for i in ids if i not in text.special_ids]
+        if not pieces or text.token_ids.unk in ids:
             raise LaVITError(f"loss.content_words: {word!r} is not written by the text tokenizer's pieces")
         table[pieces] = 1.0
     return table
