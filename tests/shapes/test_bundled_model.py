@@ -24,10 +24,12 @@ SCENES, PROMPTS, RECONSTRUCTIONS = 60, 24, 12
 # Measured with `lavit eval shapes` (README): the bundled model misses every quality gate in
 # the budget it was trained with; each is expected to fail until a better-trained model ships.
 _SHORT = "missed by the bundled model (measured {}%; README, 'The bundled model')"
-MISSED: dict = {"caption_all_right": _SHORT.format(1.0), "caption_colour": _SHORT.format(80.3),
-                "caption_shape": _SHORT.format(42.8), "caption_place": _SHORT.format(20.6),
-                "vqa": _SHORT.format(53.8), "t2i_colour_and_cell": _SHORT.format(5.0),
-                "t2i_shape": _SHORT.format(0.0), "reconstruction_colour_and_cell": _SHORT.format(4.0)}
+MISSED: dict = {"caption_all_right": _SHORT.format(19.0), "caption_colour": _SHORT.format(39.3),
+                "caption_shape": _SHORT.format(84.7), "vqa": _SHORT.format(56.5),
+                "t2i_colour_and_cell": _SHORT.format(6.0), "t2i_shape": _SHORT.format(1.0),
+                "reconstruction_colour_and_cell": _SHORT.format(4.0)}
+# caption_place: 94.4% on 200 scenes, within two standard errors of the 95% bound, so this
+# smaller draw passes it while `lavit eval shapes` (whose bound has no margin) reports it missed.
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +60,9 @@ def test_gate(report, gate, request):
 
 def test_dynamic_tokens_follow_the_content(report):
     metrics = report["metrics"]
-    # measured on 200 scenes: 12.3 / 23.9 / 26.7 tokens; the 2 -> 3 step is within noise there
+    # measured on 200 scenes: 13.7 / 21.6 / 28.5 tokens
     assert metrics["tokens_1_objects"] + 4 < metrics["tokens_2_objects"]
-    assert metrics["tokens_1_objects"] + 4 < metrics["tokens_3_objects"]
+    assert metrics["tokens_2_objects"] + 3 < metrics["tokens_3_objects"]
     assert abs(metrics["kept_fraction"] - 1 / 3) < 0.08
 
 

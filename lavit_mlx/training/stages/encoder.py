@@ -45,7 +45,10 @@ LaVIT's tokenizer reads a frozen pretrained CLIP ViT (EVA-CLIP ViT-g/14, referen
   term's encoder (weight 2, 400 steps: a linear probe reads an object patch's colour 99.5%,
   cell 87%, shape 56%, against 91%, 24%, 47% without it) the same run reaches 81%. The
   term is dense supervision from the synthetic world, stated as such in the model card,
-  not something LaVIT's recipe has; the bundled model does not use it yet.
+  not something LaVIT's recipe has. Its accuracy rises late: at weight 4 over 1000 steps
+  (the bundled model's encoder) the fraction of object patches with all three right was
+  23% at step 300, 76% at 400, 93% at 600 and 98% held out at 1000, where a ridge probe of
+  the features (before the final norm) reads colour 99.7%, shape 98.5% and cell 97.9%.
 
 Negatives are the rank's own batch (no all_gather). Only `eva` is exported (with its
 config) into `out/model` via `save_components`; the text tower is a training aid.
