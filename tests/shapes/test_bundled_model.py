@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 SEED = 31_337  # neither the build's (0, 1) nor lavit eval shapes' default (10000)
 SCENES, PROMPTS, RECONSTRUCTIONS = 60, 24, 12
-# Measured with `lavit eval shapes` (README): the bundled model misses every quality gate in
+# Measured with `lavit eval shapes` (README): the bundled model misses these quality gates in
 # the budget it was trained with; each is expected to fail until a better-trained model ships.
 _SHORT = "missed by the bundled model (measured {}%; README, 'The bundled model')"
 MISSED: dict = {"caption_all_right": _SHORT.format(19.0), "caption_colour": _SHORT.format(39.3),
