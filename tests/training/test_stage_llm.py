@@ -358,3 +358,47 @@ def test_bad_stage_settings_are_one_line_errors(tiny_init, shapes_data, tmp_path
         with pytest.raises(LaVITError, match=message) as info:
             stage_for(tiny_init, shapes_data, tmp_path / "run", *overrides)
         assert "\n" not in str(info.value)
+
+
+def test_scene_labels_fit_vit_proj_to_the_objects_and_can_stay_fixed(tiny_init, shapes_data, tmp_path,
+                                                                       monkeypatch):
+    """`model.projection_init: scene_labels` ridge-fits vit_proj so that each kept patch reads
+    back its object's colour, shape and cell (far above chance on the tiny encoder's
+    features); with `model.train_projection: false` training leaves it as fitted while the LLM
+    learns."""
+    lines = []
+    settings = ["model.understanding=projection", "model.understanding_init=identity",
+                "model.projection_init=scene_labels", "model.train_projection=false", "train.steps=3"]
+    config = run_config(tiny_init, shapes_data, tmp_path / "run", *settings)
+    from lavit_mlx.training.stages.llm import LLMStage
+
+    monkeypatch.setattr(LLMStage, "_log", lambda self, text: lines.append(text))
+    stage = build_stage(config, World.init())
+    fit = [line for line in lines if line.startswith("vit_proj fitted")]
+    assert len(fit) == 1, lines
+    colour, shape, cell = (float(x) / 100 for x in
+                           fit[0].split("read back colour/shape/cell ")[1].split(" ")[0].rstrip("%").split("%/"))
+    # chance: 7 colour classes (6 and none), 4 shapes, 10 cells; most kept patches are on objects
+    assert colour > 0.5 and shape > 0.5 and cell > 0.5, fit[0]
+    fitted = np.array(stage.model.understanding.vit_proj.weight)
+    plain, _ = stage_for(tiny_init, shapes_data, tmp_path / "plain", *settings[:2])
+    assert not np.allclose(fitted, np.array(plain.model.understanding.vit_proj.weight), atol=1e-3)
+    names = {name for name, _ in tree_flatten(stage.model.trainable_parameters())}
+    assert not any("vit_proj" in name for name in names) and any("embed_tokens" in name for name in names)
+    before = np.array(stage.model.llm.model.model.embed_tokens.weight)
+    train(stage, config)
+    assert np.array_equal(np.array(stage.model.understanding.vit_proj.weight), fitted)
+    assert not np.array_equal(np.array(stage.model.llm.model.model.embed_tokens.weight), before)
+
+
+def test_scene_labels_settings_are_checked(tiny_init, shapes_data, tmp_path):
+    from lavit_mlx.errors import LaVITError
+
+    for overrides, message in [(["model.projection_init=zeros"], "model.projection_init 'zeros'"),
+                               (["model.projection_init=scene_labels"], "understanding: projection"),
+                               (["model.train_projection=false"], "understanding: projection"),
+                               (["model.understanding=projection", "model.projection_images=0"],
+                                "model.projection_images 0")]:
+        with pytest.raises(LaVITError, match=message) as info:
+            stage_for(tiny_init, shapes_data, tmp_path / "run", *overrides)
+        assert "\n" not in str(info.value)
