@@ -402,3 +402,25 @@ def test_scene_labels_settings_are_checked(tiny_init, shapes_data, tmp_path):
         with pytest.raises(LaVITError, match=message) as info:
             stage_for(tiny_init, shapes_data, tmp_path / "run", *overrides)
         assert "\n" not in str(info.value)
+
+
+def test_init_options_for_a_new_path_say_when_the_init_folder_has_one(tiny_init, shapes_data, tmp_path,
+                                                                       monkeypatch):
+    """Started from a folder that has an understanding path, `understanding_init` and
+    `projection_init` do not apply: the stage keeps the folder's path and says so."""
+    from lavit_mlx.training.stages.llm import LLMStage
+
+    stage, config = stage_for(tiny_init, shapes_data, tmp_path / "first", "train.steps=1")
+    train(stage, config)
+    exported = tmp_path / "first" / "model"
+    lines = []
+    monkeypatch.setattr(LLMStage, "_log", lambda self, text: lines.append(text))
+    again, _ = stage_for(exported, shapes_data, tmp_path / "again", "model.understanding=projection",
+                         "model.understanding_init=identity", "model.projection_init=scene_labels",
+                         f"model.text_tokenizer={tiny_init / 'text_tokenizer'}")
+    notes = [line for line in lines if "not applied" in line]
+    assert any("understanding_init identity" in n for n in notes) and any("projection_init scene_labels" in n
+                                                                           for n in notes), lines
+    assert not any(line.startswith("vit_proj fitted") for line in lines)
+    assert np.array_equal(np.array(again.model.understanding.vit_proj.weight),
+                          np.array(lavit_mlx.load(exported).understanding.vit_proj.weight))

@@ -469,6 +469,8 @@ def build_understanding(lavit, hidden: int, log=None, init: str = "tokenizer") -
     from ...loading import build_component
 
     if lavit.checkpoint.has("understanding") and lavit.config.understanding_dim == hidden:
+        if init != "tokenizer" and log:
+            log(f"model.understanding_init {init} not applied: the init folder's understanding path is kept")
         return lavit.understanding, False
     if lavit.checkpoint.has("understanding") and log:
         log(f"the init folder's vit_proj is {lavit.config.understanding_dim} wide, the LLM {hidden}: a new vit_proj")
@@ -623,6 +625,8 @@ class LLMStage(Stage):
         sources = [s for part in (data.train, data.eval) if part for s in ([part] if isinstance(part, str) else part)]
         self.cache = tokenize_once(self.lavit, understanding, sources, data.lines_per_shard, section.understanding,
                                    section.cache_batch, self._log)
+        if not new_projection and section.projection_init != "random":
+            self._log(f"model.projection_init {section.projection_init} not applied: the init folder's vit_proj is kept")
         if new_projection and section.projection_init == "scene_labels":
             train_sources = [data.train] if isinstance(data.train, str) else data.train
             weight, bias = fit_projection_to_scenes(
