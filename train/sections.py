@@ -144,6 +144,9 @@ class LLMModelSection:
     text_tokenizer: Optional[str] = None  # folder with tokenizer.model; default the LLM's
     understanding: str = "train"  # train (merger + vit_proj with the LLM) | projection (vit_proj only) | frozen
     understanding_init: str = "tokenizer"  # a new understanding merger: the tokenizer's | identity
+    projection_init: str = "random"  # random here; scene_labels (the shapes world's fit) is MLX only
+    projection_images: int = 2000  # (MLX only, with projection_init scene_labels)
+    train_projection: bool = True  # false (vit_proj fixed) is MLX only
     quantize: Optional[int] = None  # 4 | 8: QLoRA (MLX only)
     group_size: int = 64
     lora: LoRASection = field(default_factory=LoRASection)
@@ -166,6 +169,9 @@ class LLMModelSection:
         if self.understanding_init not in UNDERSTANDING_INITS:
             raise LaVITError(f"model.understanding_init {self.understanding_init!r}: choose "
                              f"{' or '.join(UNDERSTANDING_INITS)}")
+        if self.projection_init != "random" or not self.train_projection:
+            raise LaVITError("model.projection_init scene_labels and model.train_projection false are MLX only "
+                             "(lavit train llm)")
         if self.quantize not in (None, 4, 8):
             raise LaVITError(f"model.quantize {self.quantize}: expected 4 or 8")
         if self.quantize and not self.lora.enabled:
