@@ -61,11 +61,8 @@ def test_a_run_config_reads_with_overrides_and_refuses_unknown_keys(tmp_path):
 
 
 def test_mlx_only_llm_options_are_one_line_errors_in_pytorch():
-    from lavit_mlx.errors import LaVITError
-    from train.sections import LLMModelSection
-
-    for section in (LLMModelSection(init="x", projection_init="scene_labels"),
-                    LLMModelSection(init="x", train_projection=False)):
+    for section in (sections.LLMModelSection(init="x", projection_init="scene_labels"),
+                    sections.LLMModelSection(init="x", train_projection=False)):
         with pytest.raises(LaVITError, match="MLX only") as info:
             section.check()
         assert "\n" not in str(info.value)
