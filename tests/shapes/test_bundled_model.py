@@ -24,12 +24,12 @@ SCENES, PROMPTS, RECONSTRUCTIONS = 60, 24, 12
 # Measured with `lavit eval shapes` (README): the bundled model misses these quality gates in
 # the budget it was trained with; each is expected to fail until a better-trained model ships.
 _SHORT = "missed by the bundled model (measured {}%; README, 'The bundled model')"
-MISSED: dict = {"caption_all_right": _SHORT.format(26.5), "caption_colour": _SHORT.format(50.0),
-                "caption_shape": _SHORT.format(82.3), "vqa": _SHORT.format(59.7),
-                "t2i_colour_and_cell": _SHORT.format(7.0), "t2i_shape": _SHORT.format(1.0),
+MISSED: dict = {"caption_all_right": _SHORT.format(45.5), "caption_colour": _SHORT.format(75.8),
+                "caption_shape": _SHORT.format(88.3), "vqa": _SHORT.format(66.8),
+                "t2i_colour_and_cell": _SHORT.format(6.0), "t2i_shape": _SHORT.format(1.0),
                 "reconstruction_colour_and_cell": _SHORT.format(4.0)}
-# caption_place: 93.1% on 200 scenes, within two standard errors of the 95% bound, so this
-# smaller draw passes it while `lavit eval shapes` (whose bound has no margin) reports it missed.
+# caption_place is met (95.9% on 200 scenes). caption_shape (88.3% there) is the closest miss:
+# this draw of 60 measured 83.9% against the bound less two standard errors, 89.4%.
 
 
 @pytest.fixture(scope="module")
