@@ -421,7 +421,7 @@ def initial_latents(decoder, s: GenerationSettings, count: int) -> mx.array:
     """N(0, 1) * init_noise_sigma latents; image i draws its noise from seed + i."""
     sampler = decoder.scheduler(s.scheduler)
     sampler.set_timesteps(s.steps)
-    shape = (decoder.unet.config.in_channels, s.height // decoder.vae_scale_factor, s.width // decoder.vae_scale_factor)
+    shape = (decoder.latent_channels, s.height // decoder.vae_scale_factor, s.width // decoder.vae_scale_factor)
     noise = [mx.random.normal(shape, key=key(s.image_seed(i))) for i in range(count)]
     return mx.stack(noise) * sampler.init_noise_sigma
 

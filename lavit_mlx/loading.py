@@ -125,7 +125,7 @@ def load_pixel_decoder(checkpoint: Checkpoint, name: str, config: LaVITConfig):
     the scheduler config and, for the low-res one, its unconditional embedding."""
     from .models.unet import UNet2DConditionModel, UNetConfig
     from .models.vae import AutoencoderKL, VAEConfig
-    from .pixel_decoder import PixelDecoder
+    from .pixel_decoder import SPATIAL_CONTEXT, PixelDecoder
 
     part = config.component(name)
     if part is None:
@@ -144,7 +144,8 @@ def load_pixel_decoder(checkpoint: Checkpoint, name: str, config: LaVITConfig):
     if name == "lowres_pixel":
         file = "uncond_embeddings.bin" if checkpoint.torch_layout else "uncond_embeddings.safetensors"
         uncond = read_tensor(folder / file).astype(mx.float32)
-    return PixelDecoder(unet, vae, part.scheduler, highres=name == "highres_pixel", uncond_embeddings=uncond)
+    return PixelDecoder(unet, vae, part.scheduler, highres=name == "highres_pixel", uncond_embeddings=uncond,
+                        spatial_context=bool(part.unet.get(SPATIAL_CONTEXT, False)))
 
 
 def read_diffusers_weights(folder: Path, stem: str, what: str) -> Dict[str, mx.array]:

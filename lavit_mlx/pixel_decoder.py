@@ -14,10 +14,18 @@ SDXL-shaped decoder, `pixel_decoding_origin` for the low-res SD-1.5-shaped one) 
   clamp(x / 2 + 0.5).
 
 `denoise` is a generator that yields after every step; the caller owns progress bars.
+
+Not in the release: a UNet whose config holds `lavit_spatial_context: true` (the pixel
+stage's `model.spatial_context`) also reads the context as a map: each patch's conditioning
+vector laid over the latent pixels its patch covers and concatenated to the latents' channels
+(as inpainting UNets take their mask), so that it need not find by cross-attention alone
+which patch of the conditioning belongs where. Its negative branch's map is the negative
+context's, zeros for the high-res decoder.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -40,6 +48,24 @@ class DecodingDefaults:
     guidance: float
 
 
+# The UNet config key (ignored by diffusers and `UNetConfig`) of the spatial context input.
+SPATIAL_CONTEXT = "lavit_spatial_context"
+
+
+def spatial_map(context: mx.array, height: int, width: int) -> mx.array:
+    """(B, N, D) per-patch conditioning on a square grid -> (B, D, height, width): latent pixel
+    (i, j) takes the vector of the patch under its centre."""
+    batch, tokens, dim = context.shape
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise LaVITError(f"a spatial context needs a square grid of tokens, not {tokens}")
+    rows = ((np.arange(height) + 0.5) * grid / height).astype(np.int32)
+    cols = ((np.arange(width) + 0.5) * grid / width).astype(np.int32)
+    index = mx.array((rows[:, None] * grid + cols[None, :]).reshape(-1))
+    laid = mx.take(context, index, axis=1).reshape(batch, height, width, dim)
+    return laid.transpose(0, 3, 1, 2)
+
+
 HIGHRES_DEFAULTS = DecodingDefaults(size=(1024, 1024), steps=25, guidance=7.0)
 LOWRES_DEFAULTS = DecodingDefaults(size=(512, 512), steps=50, guidance=5.0)
 
@@ -56,11 +82,16 @@ ASPECT_RATIOS = {
 
 class PixelDecoder:
     """One of the two pixel decoders: UNet, VAE, scheduler config (and the low-res
-    decoder's unconditional embedding)."""
+    decoder's unconditional embedding); `spatial_context` as the module docstring says."""
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler_config: dict,
-                 highres: bool, uncond_embeddings: Optional[mx.array] = None):
+                 highres: bool, uncond_embeddings: Optional[mx.array] = None, spatial_context: bool = False):
         self.unet = unet
+        self.spatial_context = spatial_context
+        self.latent_channels = unet.config.out_channels
+        if spatial_context and unet.config.in_channels != self.latent_channels + unet.config.context_dims[0]:
+            raise LaVITError(f"a UNet with a spatial context takes {self.latent_channels} latent + "
+                             f"{unet.config.context_dims[0]} context channels, not {unet.config.in_channels}")
         self.vae = vae
         self.scheduler_config = scheduler_config
         self.highres = highres
@@ -122,8 +153,12 @@ class PixelDecoder:
         check_pixel_memory(estimate, available, resident=estimate.breakdown["weights"])
 
     # ------------------------------------------------------------ single passes (parity)
-    def unet_forward(self, latents, timestep, context, pooled=None, time_ids=None, mask=None) -> mx.array:
-        """One UNet noise prediction (NCHW) for the given conditioning."""
+    def unet_forward(self, latents, timestep, context, pooled=None, time_ids=None, mask=None,
+                     spatial=None) -> mx.array:
+        """One UNet noise prediction (NCHW) for the given conditioning (`spatial`: the context's
+        map, concatenated to the latents when the UNet takes one)."""
+        if spatial is not None:
+            latents = mx.concatenate([latents, spatial.astype(latents.dtype)], axis=1)
         if self.highres:
             return self.unet(latents, timestep, context, text_embeds=pooled, time_ids=time_ids)
         return self.unet(latents, timestep, context, encoder_attention_mask=mask)
@@ -191,15 +226,17 @@ class PixelDecoder:
         batch = inputs["context"].shape[0] // 2
         # The context's cross-attention keys and values are the same at every step.
         context = self.unet.prepare_context(inputs["context"], inputs.get("mask"))
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        spatial = spatial_map(inputs["context"], h, w) if self.spatial_context else None
         if latents is None:
             key = mx.random.key(seed if seed is not None else int.from_bytes(np.random.bytes(4), "little"))
-            shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            shape = (batch, self.latent_channels, h, w)
             latents = mx.random.normal(shape, key=key) * sampler.init_noise_sigma
         total = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
             model_input = sampler.scale_model_input(mx.concatenate([latents, latents]), t)
             noise = self.unet_forward(model_input, t, context, pooled=inputs.get("pooled"),
-                                      time_ids=inputs.get("time_ids"))
+                                      time_ids=inputs.get("time_ids"), spatial=spatial)
             uncond, cond = noise[:batch], noise[batch:]
             latents = sampler.step(uncond + guidance * (cond - uncond), t, latents)
             mx.eval(latents)

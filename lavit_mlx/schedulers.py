@@ -69,8 +69,9 @@ class NoiseScheduleConfig:
             _reject(name, "timestep_spacing", self.timestep_spacing, ", ".join(SPACINGS))
         if self.thresholding:
             _reject(name, "thresholding", self.thresholding, "false")
-        if self.rescale_betas_zero_snr:
-            _reject(name, "rescale_betas_zero_snr", self.rescale_betas_zero_snr, "false")
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            raise LaVITError(f"{name} scheduler: rescale_betas_zero_snr needs prediction_type v_prediction or sample "
+                             "(at zero SNR the noise says nothing of the picture)")
 
 
 def alphas_cumprod(config: NoiseScheduleConfig) -> np.ndarray:
@@ -89,9 +90,32 @@ def alphas_cumprod(config: NoiseScheduleConfig) -> np.ndarray:
 
         betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), MAX_BETA) for i in range(n)],
                          dtype=np.float32)
+    if config.rescale_betas_zero_snr:
+        betas = zero_terminal_snr(betas)
     alphas = (np.float32(1.0) - betas).astype(np.float32)
     # torch's CPU cumprod of float32 accumulates in float64 and rounds each output.
     return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """diffusers `rescale_zero_terminal_snr` (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed"): sqrt(alpha_bar) shifted and scaled so that it
+    keeps its first value and ends at exactly 0, so that the last timestep is pure noise, as
+    the sampler's starting latents are. Without it a world whose latents have a large mean
+    (a white canvas) is sampled from a start the model never saw."""
+    root = np.sqrt(np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    bar = (root ** 2).astype(np.float32)
+    alphas = np.concatenate([bar[:1], bar[1:] / bar[:-1]])
+    return (np.float32(1.0) - alphas).astype(np.float32)
+
+
+def _finite_terminal(scheduler: "Scheduler") -> None:
+    """Euler and DPM-Solver, as diffusers: with a zero terminal SNR the last alpha_bar is
+    2^-24, not 0, so that sigma and the log-SNR stay finite."""
+    if scheduler.config.rescale_betas_zero_snr:
+        scheduler.alphas_cumprod[-1] = np.float32(2.0 ** -24)
 
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -318,6 +342,7 @@ class EulerDiscreteScheduler(_StepIndexed):
 
     def __init__(self, config: EulerConfig):
         super().__init__(config)
+        _finite_terminal(self)
         self.sigmas = _inference_sigmas(self, self.timesteps.astype(np.float64))
 
     def set_timesteps(self, num_inference_steps: int) -> None:
@@ -413,6 +438,7 @@ class DPMSolverMultistepScheduler(_StepIndexed):
 
     def __init__(self, config: DPMSolverConfig):
         super().__init__(config)
+        _finite_terminal(self)
         ac = self.alphas_cumprod
         self.lambdas = (np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))).astype(np.float32)
         self.model_outputs: List = [None] * config.solver_order

@@ -286,6 +286,7 @@ class PixelModel:
     context_dims: List[int] = field(default_factory=list)  # new decoder heads of these widths ([]: keep init's)
     pooled_dim: int = 0  # with context_dims: the new attention pool's width (high-res)
     train_decoder: str = "heads"  # heads (unet_proj*, unet_attnpool), all, or none
+    spatial_context: bool = False  # true (the context also as an input map) is MLX only
     max_images: int = 0  # distinct training pictures cached (0: all; MLX)
     scheduler: dict = field(default_factory=dict)  # overrides of the release's DDIM config
     defaults: dict = field(default_factory=lambda: {"steps": 20, "guidance": 3.0})  # inference defaults
@@ -305,6 +306,8 @@ class PixelModel:
             raise LaVITError(f"model.defaults: unknown key {sorted(unknown)[0]!r} (height, width, steps, guidance)")
         if not 0 <= self.ema.decay < 1:
             raise LaVITError(f"model.ema.decay {self.ema.decay}: expected 0 <= decay < 1")
+        if self.spatial_context:
+            raise LaVITError("model.spatial_context true is MLX only (lavit train pixel)")
 
 
 @dataclass

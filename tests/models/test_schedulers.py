@@ -68,6 +68,11 @@ def variants():
         ("dpm++2m", {"solver_type": "heun", "prediction_type": "sample"}, 7),
         ("dpm++2m", {"solver_order": 1, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1,
                      "timestep_spacing": "linspace"}, 6),  # the top 4 timesteps clipped
+        # zero terminal SNR (the shapes model's pixel decoder: DDIM, trailing, v-prediction)
+        ("ddim", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 20),
+        ("euler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 8),
+        ("dpm++2m", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+         8),
     ]
     return [pytest.param(name, overrides, steps, id=f"{name}-{i}") for i, (name, overrides, steps) in enumerate(cases)]
 
@@ -113,6 +118,18 @@ def test_matches_diffusers(name, overrides, steps):
     assert max_rel(x_mx, x_ref.numpy()) <= TOL
 
 
+def test_zero_terminal_snr_schedule_is_diffusers():
+    from lavit_mlx.schedulers import NoiseScheduleConfig, alphas_cumprod
+
+    config = dict(LAVIT_CONFIG, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    ours = alphas_cumprod(NoiseScheduleConfig.from_dict(config))
+    plain = alphas_cumprod(NoiseScheduleConfig.from_dict(LAVIT_CONFIG))
+    assert ours[-1] == 0.0 and plain[-1] > 0.004  # pure noise at the last step, as sampling starts
+    assert ours[0] == pytest.approx(plain[0], rel=1e-6)
+    ref = diffusers_scheduler("ddim", config)
+    assert np.abs(ours - ref.alphas_cumprod.numpy()).max() <= 1e-6
+
+
 def test_step_needs_timesteps():
     with pytest.raises(LaVITError, match="set_timesteps"):
         make_scheduler("ddim", LAVIT_CONFIG).step(np.zeros(2), 981, np.zeros(2))
@@ -123,7 +140,7 @@ def test_step_needs_timesteps():
     ("ddim", {"beta_schedule": "sigmoid"}, "beta_schedule"),
     ("ddim", {"prediction_type": "flow_prediction"}, "prediction_type"),
     ("ddim", {"timestep_spacing": "karras"}, "timestep_spacing"),
-    ("ddim", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ("ddim", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr needs prediction_type v_prediction"),
     ("euler", {"use_karras_sigmas": True}, "use_karras_sigmas"),
     ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
     ("dpm++2m", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),

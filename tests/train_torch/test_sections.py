@@ -62,7 +62,8 @@ def test_a_run_config_reads_with_overrides_and_refuses_unknown_keys(tmp_path):
 
 def test_mlx_only_llm_options_are_one_line_errors_in_pytorch():
     for section in (sections.LLMModelSection(init="x", projection_init="scene_labels"),
-                    sections.LLMModelSection(init="x", train_projection=False)):
+                    sections.LLMModelSection(init="x", train_projection=False),
+                    sections.PixelModel(spatial_context=True)):
         with pytest.raises(LaVITError, match="MLX only") as info:
             section.check()
         assert "\n" not in str(info.value)

@@ -146,6 +146,59 @@ def test_loss_falls_and_the_export_reconstructs(world, tmp_path):
     assert not np.array_equal(np.array(exported["conv_in.weight"]), np.array(trained["unet.conv_in.weight"]))
 
 
+def test_spatial_map_lays_each_patch_over_the_latent_pixels_it_covers():
+    from lavit_mlx.errors import LaVITError
+    from lavit_mlx.pixel_decoder import spatial_map
+
+    context = mx.array(np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3))  # 2 x 2 patches, width 3
+    laid = np.array(spatial_map(context, 4, 6))
+    assert laid.shape == (2, 3, 4, 6)
+    patch = (np.arange(4)[:, None] // 2) * 2 + np.arange(6)[None, :] // 3  # the patch under each pixel
+    assert np.array_equal(laid, np.array(context)[:, patch.reshape(-1)].reshape(2, 4, 6, 3).transpose(0, 3, 1, 2))
+    uneven = np.array(spatial_map(mx.array(np.arange(64, dtype=np.float32).reshape(1, 64, 1)), 28, 28))[0, 0]
+    assert uneven[0, 0] == uneven[2, 2] == 0 and uneven[3, 3] == uneven[4, 4] == 9 and uneven[27, 27] == 63
+    with pytest.raises(LaVITError, match="square grid"):
+        spatial_map(mx.zeros((1, 5, 2)), 4, 4)
+
+
+def test_a_spatial_context_unet_trains_exports_and_sees_where_each_patch_is(world, tmp_path):
+    from lavit_mlx.errors import LaVITError
+    from lavit_mlx.pixel_decoder import SPATIAL_CONTEXT, PixelDecoder, spatial_map
+    from lavit_mlx.training import run
+
+    data, vae = world
+    out = tmp_path / "run"
+    run("pixel", None, tiny_overrides(data, vae, out, 12, **{"train.save_every": 0, "model.spatial_context": True}),
+        resume=False)
+    losses = [r["mse"] for r in log_of(out) if "mse" in r]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    model = lavit_mlx.load(out / "model")
+    assert model.config.highres_pixel.unet[SPATIAL_CONTEXT] is True
+    decoder = model.pixel_decoder()
+    assert decoder.spatial_context and decoder.latent_channels == 4
+    assert decoder.unet.config.in_channels == 4 + 32  # latents + the context's width (16 + 16)
+
+    # Cross-attention alone cannot tell where a token came from; the map can.
+    rng = np.random.default_rng(0)
+    context = mx.array(rng.normal(size=(1, 64, 32)).astype(np.float32))
+    shuffled = context[:, mx.array(rng.permutation(64))]
+    pooled = mx.array(rng.normal(size=(1, 16)).astype(np.float32))
+    ids = mx.array([[32.0, 32, 0, 0, 32, 32]])
+    x = mx.array(rng.normal(size=(1, 4, 8, 8)).astype(np.float32))
+
+    def noise(ctx, spatial):
+        prepared = decoder.unet.prepare_context(ctx)
+        return np.array(decoder.unet_forward(x, mx.array([500]), prepared, pooled, ids, spatial=spatial))
+
+    blank = mx.zeros((1, 32, 8, 8))
+    assert np.allclose(noise(context, blank), noise(shuffled, blank), atol=1e-5)
+    assert not np.allclose(noise(context, spatial_map(context, 8, 8)), noise(shuffled, spatial_map(shuffled, 8, 8)),
+                           atol=1e-4)
+    fake = SimpleNamespace(config=SimpleNamespace(out_channels=4, in_channels=4, context_dims=[32]))
+    with pytest.raises(LaVITError, match=r"4 latent \+ 32 context channels, not 4"):
+        PixelDecoder(fake, decoder.vae, {}, highres=True, spatial_context=True)
+
+
 def run_script(data, vae, out, steps, kill_at=None):
     cmd = [sys.executable, __file__, str(data), str(vae), str(out), str(steps), "-" if kill_at is None else str(kill_at)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)

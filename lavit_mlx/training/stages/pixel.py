@@ -55,6 +55,7 @@ from ...config import (EVAConfig, LaVITConfig, PixelConfig, TokenIds, TokenizerC
 from ...errors import LaVITError
 from ...image_processing import preprocess
 from ...models.unet import UNet2DConditionModel, UNetConfig
+from ...pixel_decoder import SPATIAL_CONTEXT, spatial_map
 from ...models.vq_decoder import VQDecoder
 from ...schedulers import NoiseScheduleConfig, alphas_cumprod
 from ..config import RunConfig, register_stage
@@ -124,6 +125,8 @@ class PixelModel:
     context_dims: List[int] = field(default_factory=list)  # new decoder heads of these widths ([]: keep init's)
     pooled_dim: int = 0  # with context_dims: the new attention pool's width (high-res)
     train_decoder: str = "heads"  # heads (unet_proj*, unet_attnpool), all, or none
+    # also the context as a map concatenated to the UNet's input (not the release's; pixel_decoder.py)
+    spatial_context: bool = False
     max_images: int = 0  # distinct training pictures cached (0: all)
     scheduler: dict = field(default_factory=dict)  # overrides of the release's DDIM config
     defaults: dict = field(default_factory=lambda: {"steps": 20, "guidance": 3.0})  # inference defaults
@@ -343,8 +346,12 @@ def unet_config(m: PixelModel, vae_config: dict, decoder: VQDecoder, latent_size
     """The UNet's diffusers config: UNET_DEFAULTS < model.unet < what the VAE and decoder fix."""
     config = {**UNET_DEFAULTS, **m.unet}
     latent = vae_config["latent_channels"]
-    config.update(in_channels=latent, out_channels=latent, sample_size=latent_size,
-                  cross_attention_dim=int(sum(decoder.config.context_dims)))
+    width = int(sum(decoder.config.context_dims))
+    config.update(in_channels=latent + (width if m.spatial_context else 0), out_channels=latent,
+                  sample_size=latent_size, cross_attention_dim=width)
+    config.pop(SPATIAL_CONTEXT, None)
+    if m.spatial_context:
+        config[SPATIAL_CONTEXT] = True
     if decoder.config.highres:
         config.update(addition_embed_type="text_time",
                       projection_class_embeddings_input_dim=decoder.config.pooled_dim
@@ -546,6 +553,8 @@ class PixelStage(Stage):
         return x_t, target
 
     def predict(self, model: PixelTrainee, x_t, timesteps, context, pooled, ids) -> mx.array:
+        if self.config.model.spatial_context:
+            x_t = mx.concatenate([x_t, spatial_map(context, *x_t.shape[2:])], axis=1)
         if pooled is not None:
             return model.unet(x_t, timesteps, context, text_embeds=pooled, time_ids=ids)
         return model.unet(x_t, timesteps, context)
@@ -606,7 +615,8 @@ class PixelStage(Stage):
             # zeros, as the conditioning dropped in training (one token, padded with zeros at inference)
             uncond = mx.zeros((1, 1, int(sum(self.frozen.decoder.config.context_dims))))
         return PixelDecoder(self.model.unet, self.frozen.vae, self.scheduler_config,
-                            highres=self.frozen.decoder.config.highres, uncond_embeddings=uncond)
+                            highres=self.frozen.decoder.config.highres, uncond_embeddings=uncond,
+                            spatial_context=self.config.model.spatial_context)
 
     def evaluate(self) -> Dict[str, float]:
         """With the EMA weights: the denoising loss of held-out pictures at fixed timesteps and
