@@ -55,8 +55,8 @@ from ...config import (EVAConfig, LaVITConfig, PixelConfig, TokenIds, TokenizerC
 from ...errors import LaVITError
 from ...image_processing import preprocess
 from ...models.unet import UNet2DConditionModel, UNetConfig
-from ...pixel_decoder import SPATIAL_CONTEXT, spatial_map
 from ...models.vq_decoder import VQDecoder
+from ...pixel_decoder import SPATIAL_CONTEXT, spatial_map
 from ...schedulers import NoiseScheduleConfig, alphas_cumprod
 from ..config import RunConfig, register_stage
 from ..loop import Stage, World
