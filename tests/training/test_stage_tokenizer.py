@@ -30,8 +30,8 @@ import lavit_mlx  # noqa: E402
 from lavit_mlx.config import EVAConfig, LaVITConfig, TokenIds, VQDecoderConfig  # noqa: E402
 from lavit_mlx.errors import LaVITError  # noqa: E402
 from lavit_mlx.training import load_run_config  # noqa: E402
-from lavit_mlx.training.stages.tokenizer import (kept_positions, norm_ema_update, perplexity,  # noqa: E402
-                                                 spherical_kmeans)
+from lavit_mlx.training.stages.tokenizer import (kept_positions, norm_ema_update, patch_weights,  # noqa: E402
+                                                 perplexity, spherical_kmeans)
 
 SCRIPT = Path(__file__)
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -150,6 +150,21 @@ def _pixels(path):
     return preprocess([load_image(path)], IMAGE_SIZE)[0]
 
 
+def test_patch_weights_by_hand():
+    target = mx.array([[[3.0, 4.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]],
+                       [[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
+    assert np.array_equal(np.array(patch_weights(target, "uniform")), np.ones((2, 4)))
+    # lengths (5, 1, 0, 0) and (1, 1, 2, 0), each image's divided by its mean
+    expected = np.array([[5, 1, 0, 0], [1, 1, 2, 0]], np.float32) / np.array([[1.5], [1.0]], np.float32)
+    assert np.allclose(np.array(patch_weights(target, "norm")), expected, rtol=1e-6)
+
+
+def test_norm_patch_weights_train(world, tmp_path):
+    _, last = run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", tmp_path / "norm", 6,
+                                                         **{"loss.patch_weights": "norm"}))
+    assert np.isfinite(last["loss"]) and np.isfinite(last["eval_highres_reconstruction"])
+
+
 def test_gradient_codebook_mode_trains(world, tmp_path):
     out = tmp_path / "gradient"
     _, last = run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", out, 6,
@@ -185,7 +200,7 @@ def test_two_ranks_keep_one_codebook(world, tmp_path):
 def test_bad_configs_are_one_line_errors(world):
     encoder = world / "encoder"
     for override, message in (("loss.codebook=kmeans", "loss.codebook"), ("model.decoders=[big]", "model.decoders"),
-                              ("loss.keep_ratio=0", "keep_ratio"),
+                              ("loss.keep_ratio=0", "keep_ratio"), ("loss.patch_weights=area", "loss.patch_weights"),
                               ("model.highres_decoder.context_dims=[16]", "context_dims")):
         with pytest.raises(LaVITError, match=message):
             load_run_config("tokenizer", None, [f"model.init={encoder}", override])
