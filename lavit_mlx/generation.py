@@ -267,11 +267,16 @@ def generate_stages(model, settings: GenerationSettings, prompts: Optional[Seque
     yield Done(images, s, time.perf_counter() - start)
 
 
+def pixel_component(decoder: str) -> str:
+    """The model component of the pixel decoder named by `--decoder` (highres | lowres)."""
+    return "highres_pixel" if decoder == "highres" else "lowres_pixel"
+
+
 def model_defaults(model, decoder: str = "highres") -> Optional[DecodingDefaults]:
     """The model's own size, steps and guidance for a pixel decoder (`PixelConfig.defaults`,
     written by `lavit train pixel`), over the release's for any it does not set; None when
     the model sets none (the release)."""
-    part = model.config.highres_pixel if decoder == "highres" else model.config.lowres_pixel
+    part = model.config.component(pixel_component(decoder))
     own = (part.defaults if part is not None else None) or {}
     if not own:
         return None
@@ -323,7 +328,7 @@ def pixel_memory_estimate(model, s: GenerationSettings, num_images: Optional[int
     from .models.vae import AutoencoderKL, VAEConfig
 
     n = s.num_images if num_images is None else num_images
-    name = "highres_pixel" if s.decoder == "highres" else "lowres_pixel"
+    name = pixel_component(s.decoder)
     if name in model:
         decoder = model[name]
         if s.height % decoder.vae_scale_factor or s.width % decoder.vae_scale_factor:

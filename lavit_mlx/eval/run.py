@@ -186,7 +186,7 @@ def shapes(model, seed: int = 10_000, scenes: int = 200, prompts: int = 100, rec
     """
     from PIL import Image
 
-    from ..generation import GenerationSettings, reconstruct_stages, run_stages
+    from ..generation import GenerationSettings, pixel_component, reconstruct_stages, run_stages
     from ..sampling import TextDecoding
     from ..shapes.checker import score_answer, score_caption, score_image
     from ..shapes.world import caption as caption_of
@@ -196,7 +196,7 @@ def shapes(model, seed: int = 10_000, scenes: int = 200, prompts: int = 100, rec
 
     started = time.perf_counter()
     settings = settings or GenerationSettings(seed=seed)
-    decoder = "highres_pixel" if settings.decoder == "highres" else "lowres_pixel"
+    decoder = pixel_component(settings.decoder)
     draws = model.config.component(decoder) is not None
     world = list(make_scenes(seed, scenes))
     pictures = [render(scene) for scene in world]
