@@ -23,6 +23,7 @@ from lavit_mlx.training import config as run_config
 # ----------------------------------------------------------------------------- stage 1: tokenizer
 DECODERS = {"highres": "highres_decoder", "lowres": "lowres_decoder"}
 CODEBOOK_MODES = ("ema", "gradient")
+PATCH_WEIGHTS = ("uniform", "norm")
 
 
 @dataclass
@@ -84,10 +85,13 @@ class TokenizerLoss:
     calibrate_threshold: bool = True  # the MLX stage's export stores a calibrated keep threshold
     dead_after: int = 100  # steps without a use that make a code dead (logged, and restarted)
     restart_dead: bool = True
+    patch_weights: str = "uniform"  # uniform | norm: each patch's term weighted by its target's length
 
     def check(self) -> None:
         if self.codebook not in CODEBOOK_MODES:
             raise LaVITError(f"loss.codebook {self.codebook!r}: choose from {', '.join(CODEBOOK_MODES)}")
+        if self.patch_weights not in PATCH_WEIGHTS:
+            raise LaVITError(f"loss.patch_weights {self.patch_weights!r}: choose from {', '.join(PATCH_WEIGHTS)}")
         if not 0 < self.keep_ratio <= 1:
             raise LaVITError(f"loss.keep_ratio {self.keep_ratio}: expected in (0, 1]")
         if not 0 <= self.ema_decay < 1:

@@ -61,14 +61,15 @@ def close(a, b, rel=1e-4) -> bool:
     return abs(float(a) - float(b)) <= rel * max(abs(float(b)), 1e-8)
 
 
-def test_tokenizer_first_step_loss_agrees(folders, tmp_path):
+@pytest.mark.parametrize("patch_weights", ["uniform", "norm"])
+def test_tokenizer_first_step_loss_agrees(folders, tmp_path, patch_weights):
     from mlx.utils import tree_flatten
 
     config = write_config(tmp_path / "tokenizer.yaml", {
         "stage": "tokenizer", "out": str(tmp_path / "run"), "model": {"init": str(folders["mlx"]), **builders.TOKENIZER_MODEL},
         "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 5},
         "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1},
-        "loss": {"init_batches": 0, "codebook": "gradient"},
+        "loss": {"init_batches": 0, "codebook": "gradient", "patch_weights": patch_weights},
     })
     theirs = mlx_stage("tokenizer", config)
     ours = torch_stage(config)

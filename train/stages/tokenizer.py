@@ -3,7 +3,7 @@
 The loss is the MLX tokenizer stage's (`lavit_mlx/training/stages/tokenizer.py`), term for
 term, on the `lavit_train.models` mirrors:
 
-    loss = mean_patches(1 - cos(decoded, target))      summed over the trained decoders
+    loss = mean_patches(w * (1 - cos(decoded, target)))  summed over the trained decoders
          + keep_weight * (mean keep fraction - keep_ratio)^2
          + decision_weight * mean(p_keep * (1 - p_keep))
          + commitment * ||z - sg(e)||^2                  (kept tokens)
@@ -100,6 +100,15 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (l2_normalize(a) * l2_normalize(b)).sum(dim=-1)
 
 
+def patch_weights(target: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-patch weights (B, N) of the reconstruction term, mean 1 in each image: 1 everywhere
+    (`uniform`), or each (centred) target feature's length (`norm`), as the MLX stage."""
+    if mode == "uniform":
+        return target.new_ones(target.shape[:2])
+    length = target.norm(dim=-1)
+    return length / length.mean(dim=1, keepdim=True).clamp_min(1e-6)
+
+
 def kept_positions(kept: torch.Tensor) -> torch.Tensor:
     """Each token's rank among the kept ones of its image (B, N): the decoder position it has at inference."""
     return (torch.cumsum(kept, dim=1) - 1).clamp_min(0).long()
@@ -144,11 +153,12 @@ class TokenizerTraining(nn.Module):
         out = self.tokenizer(target, noise=noise, tau=cfg.gumbel_tau)
         kept = out.keep.detach()  # the forward values: exactly 0 or 1
         positions = kept_positions(kept)
+        weights = patch_weights(target, cfg.patch_weights)
         metrics = {}
         loss = target.new_zeros(())
         for name in self.decoder_names:
             decoded = getattr(self, name).decode_features(out.quantized, kept, positions, policy=out.keep)
-            term = (1.0 - cosine(decoded.float(), target)).mean()
+            term = (weights * (1.0 - cosine(decoded.float(), target))).mean()
             metrics[f"{name.split('_')[0]}_reconstruction"] = term
             loss = loss + term
         kept_sum = world.global_sum(kept.sum())
