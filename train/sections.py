@@ -24,6 +24,9 @@ from lavit_mlx.training import config as run_config
 DECODERS = {"highres": "highres_decoder", "lowres": "lowres_decoder"}
 CODEBOOK_MODES = ("ema", "gradient")
 PATCH_WEIGHTS = ("uniform", "norm")
+PROJECTION_INITS = ("random", "pca")
+KMEANS_ON = ("all", "kept")
+FROZEN_PARTS = ("selector", "merger", "projection")
 
 
 @dataclass
@@ -51,10 +54,17 @@ class TokenizerModel:
     decoders: list = ("highres",)  # which VQ decoders to train: highres, lowres
     highres_decoder: DecoderSection = field(default_factory=DecoderSection)
     lowres_decoder: DecoderSection = field(default_factory=lambda: DecoderSection(context_dims=(128,), pooled_dim=0))
+    tokenizer_init: str = ""  # a folder whose tokenizer (and decoders, where it has them) this run starts from
+    frozen: list = ()  # tokenizer parts left as they start: selector, merger, projection (a re-quantization)
 
     def check(self) -> None:
         if not self.init:
             raise LaVITError("model.init: the MLX folder of the encoder (eva) is required")
+        unknown = [p for p in self.frozen if p not in FROZEN_PARTS]
+        if unknown:
+            raise LaVITError(f"model.frozen: choose among {', '.join(FROZEN_PARTS)}, not {unknown}")
+        if self.frozen and not self.tokenizer_init:
+            raise LaVITError("model.frozen: parts can only be frozen when model.tokenizer_init gives them trained")
         unknown = [d for d in self.decoders if d not in DECODERS]
         if unknown or not self.decoders:
             raise LaVITError(f"model.decoders: choose among {', '.join(DECODERS)}, not {unknown or 'none'}")
@@ -86,8 +96,16 @@ class TokenizerLoss:
     dead_after: int = 100  # steps without a use that make a code dead (logged, and restarted)
     restart_dead: bool = True
     patch_weights: str = "uniform"  # uniform | norm: each patch's term weighted by its target's length
+    projection_init: str = "random"  # random | pca: the quantizer's projection starts as the kept merger outputs' PCA
+    kmeans_on: str = "all"  # all | kept: the positions whose encoder outputs the codebook's k-means clusters
 
     def check(self) -> None:
+        if self.projection_init not in PROJECTION_INITS:
+            raise LaVITError(f"loss.projection_init {self.projection_init!r}: choose from {', '.join(PROJECTION_INITS)}")
+        if self.kmeans_on not in KMEANS_ON:
+            raise LaVITError(f"loss.kmeans_on {self.kmeans_on!r}: choose from {', '.join(KMEANS_ON)}")
+        if self.projection_init == "pca" and self.init_batches < 1:
+            raise LaVITError("loss.projection_init pca: needs loss.init_batches of at least 1 (its data)")
         if self.codebook not in CODEBOOK_MODES:
             raise LaVITError(f"loss.codebook {self.codebook!r}: choose from {', '.join(CODEBOOK_MODES)}")
         if self.patch_weights not in PATCH_WEIGHTS:

@@ -5,6 +5,9 @@ the float16 MLX folder that ships with the package (`lavit train shapes`).
     encoder    a tiny EVA, CLIP-style on the captions (configs/encoder.yaml says why)
     tokenizer  LaVIT stage 1 over the frozen encoder
     select     the deterministic selection's threshold that keeps rho of the patches
+    quantizer  the tokenizer again with its selector and merger frozen: the quantizer
+               re-fitted to the kept tokens (configs/quantizer.yaml says why) and the VQ
+               decoder trained on its codes
     vae        the pixel decoder's autoencoder
     llm        LaVIT stage 2 (captions in both orders, questions)
     pixel      LaVIT stage 3 on the VAE's latents
@@ -29,8 +32,9 @@ from typing import Callable, Dict, List, Optional
 from ..errors import LaVITError
 
 CONFIGS = Path(__file__).with_name("configs")
-STAGES = ("data", "encoder", "tokenizer", "select", "vae", "llm", "pixel", "compose")
-TRAINED = ("encoder", "tokenizer", "vae", "llm", "pixel")
+STAGES = ("data", "encoder", "tokenizer", "select", "quantizer", "vae", "llm", "pixel", "compose")
+TRAINED = ("encoder", "tokenizer", "quantizer", "vae", "llm", "pixel")
+TRAINING_STAGE = {"quantizer": "tokenizer"}  # build steps that run a training stage of another name
 DONE = "DONE.json"
 
 
@@ -85,8 +89,9 @@ def stage_overrides(stage: str, options: BuildOptions) -> List[str]:
     specific = {
         "encoder": [f"model.text_tokenizer={p['text']}"],
         "tokenizer": [f"model.init={p['encoder'] / 'model'}"],
+        "quantizer": [f"model.init={p['tokenizer'] / 'model'}", f"model.tokenizer_init={p['tokenizer'] / 'model'}"],
         "vae": [],
-        "llm": [f"model.init={p['tokenizer'] / 'model'}", f"model.text_tokenizer={p['text']}",
+        "llm": [f"model.init={p['quantizer'] / 'model'}", f"model.text_tokenizer={p['text']}",
                 f"data.train=[{p['train']}, {p['train_vqa']}]"],
         "pixel": [f"model.init={p['llm'] / 'model'}", f"model.vae={p['vae'] / 'model'}"],
     }[stage]
@@ -101,7 +106,7 @@ def scaled_steps(stage: str, options: BuildOptions) -> List[str]:
         return []
     from ..training.config import load_run_config
 
-    config = load_run_config(stage, CONFIGS / f"{stage}.yaml", [])
+    config = load_run_config(TRAINING_STAGE.get(stage, stage), CONFIGS / f"{stage}.yaml", [])
     steps = max(2, round(config.train.steps * options.steps_scale))
     warmup = min(config.train.warmup_steps, steps // 4)
     every = max(1, steps // 2)
@@ -237,7 +242,8 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
         elif stage == "compose":
             compose(options, log)
         else:
-            result = run(stage, CONFIGS / f"{stage}.yaml", stage_overrides(stage, options), resume=True)
+            result = run(TRAINING_STAGE.get(stage, stage), CONFIGS / f"{stage}.yaml", stage_overrides(stage, options),
+                         resume=True)
         seconds = time.perf_counter() - start
         done.parent.mkdir(parents=True, exist_ok=True)
         final = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float))}

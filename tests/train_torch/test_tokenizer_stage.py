@@ -76,3 +76,29 @@ def test_export_converts_to_mlx_with_the_same_outputs(tokenizer_run, tmp_path):
     mlx_prompt, mlx_pooled = model.decode_codes([ours.codes[i].numpy() for i in range(2)])
     assert max_rel(np.array(mlx_prompt), prompt.numpy()) <= 1e-4
     assert max_rel(np.array(mlx_pooled), pooled.numpy()) <= 1e-4
+
+
+def test_requantization_keeps_frozen_parts(tokenizer_config, tokenizer_run, tmp_path):
+    """The shapes build's quantizer step in PyTorch: a run from the first run's export with the
+    selector, merger and projection frozen; the projection is the kept merger outputs' PCA."""
+    from lavit_train import checkpoint as release
+
+    first = tokenizer_run / "model"
+    out = tmp_path / "requantized"
+    checked(run_driver(tokenizer_config, out, "--set", "train.steps=4", "--set", f"model.init={first}",
+                       "--set", f"model.tokenizer_init={first}", "--set", "model.frozen=[selector, merger, projection]",
+                       "--set", "loss.projection_init=pca", "--set", "loss.kmeans_on=kept",
+                       "--set", "loss.center_features=false", "--vision-heads", str(builders.HEADS)))
+    before = release.load_tokenizer(first, builders.HEADS).state_dict()
+    after = release.load_tokenizer(out / "model", builders.HEADS).state_dict()
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        if key.startswith(("token_predictor.", "causal_encoder.")):
+            assert same, key
+        elif key.startswith(("encode_task_layer.", "quantize.")):
+            assert not same, key
+    w2 = after["encode_task_layer.2.weight"]
+    assert torch.equal(w2[:, :w2.shape[0]], torch.eye(w2.shape[0]))
+    decoder_before = release.load_decoder(first, vision_heads=builders.HEADS).state_dict()
+    decoder_after = release.load_decoder(out / "model", vision_heads=builders.HEADS).state_dict()
+    assert not torch.equal(decoder_before["decode_task_layer.0.weight"], decoder_after["decode_task_layer.0.weight"])

@@ -31,7 +31,7 @@ from lavit_mlx.config import EVAConfig, LaVITConfig, TokenIds, VQDecoderConfig  
 from lavit_mlx.errors import LaVITError  # noqa: E402
 from lavit_mlx.training import load_run_config  # noqa: E402
 from lavit_mlx.training.stages.tokenizer import (kept_positions, norm_ema_update, patch_weights,  # noqa: E402
-                                                 perplexity, spherical_kmeans)
+                                                 pca_projection, perplexity, spherical_kmeans)
 
 SCRIPT = Path(__file__)
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -165,6 +165,75 @@ def test_norm_patch_weights_train(world, tmp_path):
     assert np.isfinite(last["loss"]) and np.isfinite(last["eval_highres_reconstruction"])
 
 
+def test_pca_projection_by_hand():
+    rng = np.random.default_rng(0)
+    # points in a 2-dimensional subspace of 5 dimensions, spread 3 along one axis and 1 along the other
+    basis = np.linalg.qr(rng.normal(size=(5, 5)))[0][:, :2]
+    coords = rng.normal(size=(400, 2)) * np.array([3.0, 1.0])
+    points = coords @ basis.T + 7.0
+    w1, b1, w2, b2 = pca_projection(points, 2)
+    assert w1.shape == (5, 5) and w2.shape == (2, 5) and b2.shape == (2,) and w1.dtype == np.float32
+    projected = points @ w1.T + b1  # principal components, scaled by the first's standard deviation
+    assert np.allclose(projected.mean(axis=0), 0.0, atol=1e-4)
+    assert np.allclose(projected.std(axis=0)[:2], [1.0, coords[:, 1].std() / coords[:, 0].std()], rtol=0.05)
+    assert np.allclose(projected[:, 2:], 0.0, atol=1e-4)  # nothing outside the subspace
+    assert abs(np.corrcoef(projected[:, 0], coords[:, 0])[0, 1]) > 0.99  # the first is the widest direction
+    assert abs(np.corrcoef(projected[:, 1], coords[:, 1])[0, 1]) > 0.99
+    assert np.array_equal(pca_projection(points, 2)[0], w1)  # deterministic, signs included
+    assert np.array_equal(w2[:, :2], np.eye(2)) and not w2[:, 2:].any()
+    with pytest.raises(LaVITError, match="fewer than 2"):
+        pca_projection(points[:1], 2)
+
+
+def test_requantization_keeps_frozen_parts(world, tmp_path):
+    """A second tokenizer run from the first's export with selector, merger and projection frozen
+    (the shapes build's quantizer step): those stay bit-equal to the export, the projection gives
+    the kept merger outputs' principal components, the codebook and the decoder train."""
+    from mlx.utils import tree_flatten
+
+    first = tmp_path / "first"
+    run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", first, 6))
+    overrides = tokenizer_overrides(world, first / "model", tmp_path / "second", 6, **{
+        "model.tokenizer_init": first / "model", "model.frozen": "[selector, merger, projection]",
+        "loss.projection_init": "pca", "loss.kmeans_on": "kept", "loss.center_features": "false",
+        "loss.calibrate_threshold": "false"})
+    _, last = run_stage("tokenizer", overrides)
+    assert np.isfinite(last["loss"])
+    before = lavit_mlx.load(first / "model", components=["tokenizer", "highres_decoder"])
+    after = lavit_mlx.load(tmp_path / "second" / "model", components=["tokenizer", "highres_decoder"])
+    assert after.config.tokenizer.keep_threshold == before.config.tokenizer.keep_threshold
+    old = dict(tree_flatten(before.tokenizer.parameters()))
+    new = dict(tree_flatten(after.tokenizer.parameters()))
+    for key in old:
+        same = np.array_equal(np.array(old[key]), np.array(new[key]))
+        if key.startswith(("token_predictor.", "causal_encoder.")):
+            assert same, key
+        elif key.startswith(("encode_task_layer.", "quantize.")):
+            assert not same, key  # re-fitted (then frozen) / k-means'd and moved by the EMA
+    w2 = np.array(new["encode_task_layer.2.weight"])
+    assert np.array_equal(w2[:, :w2.shape[0]], np.eye(w2.shape[0]))  # the PCA projection, left frozen
+    old_decoder = dict(tree_flatten(before.highres_decoder.parameters()))
+    new_decoder = dict(tree_flatten(after.highres_decoder.parameters()))
+    assert not np.array_equal(np.array(old_decoder["decode_task_layer.0.weight"]),
+                              np.array(new_decoder["decode_task_layer.0.weight"]))
+    assert np.array_equal(np.array(old_decoder["unet_proj_1.weight"]), np.array(new_decoder["unet_proj_1.weight"]))
+
+
+def test_requantization_rejects_a_mismatched_tokenizer(world, tmp_path):
+    first = tmp_path / "first"
+    run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", first, 2))
+    overrides = tokenizer_overrides(world, first / "model", tmp_path / "second", 2, **{
+        "model.tokenizer_init": first / "model", "model.codebook_size": 32})
+    with pytest.raises(LaVITError, match="codebook_size 64"):
+        run_stage("tokenizer", overrides)
+    with pytest.raises(LaVITError, match="no such folder"):
+        run_stage("tokenizer", tokenizer_overrides(world, first / "model", tmp_path / "third", 2,
+                                                   **{"model.tokenizer_init": tmp_path / "nowhere"}))
+    with pytest.raises(LaVITError, match="holds no tokenizer"):
+        run_stage("tokenizer", tokenizer_overrides(world, first / "model", tmp_path / "fourth", 2,
+                                                   **{"model.tokenizer_init": world / "encoder"}))
+
+
 def test_gradient_codebook_mode_trains(world, tmp_path):
     out = tmp_path / "gradient"
     _, last = run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", out, 6,
@@ -201,6 +270,10 @@ def test_bad_configs_are_one_line_errors(world):
     encoder = world / "encoder"
     for override, message in (("loss.codebook=kmeans", "loss.codebook"), ("model.decoders=[big]", "model.decoders"),
                               ("loss.keep_ratio=0", "keep_ratio"), ("loss.patch_weights=area", "loss.patch_weights"),
+                              ("loss.projection_init=svd", "loss.projection_init"),
+                              ("loss.kmeans_on=some", "loss.kmeans_on"),
+                              ("model.frozen=[selector]", "model.tokenizer_init"),
+                              ("model.frozen=[decoder]", "model.frozen"),
                               ("model.highres_decoder.context_dims=[16]", "context_dims")):
         with pytest.raises(LaVITError, match=message):
             load_run_config("tokenizer", None, [f"model.init={encoder}", override])

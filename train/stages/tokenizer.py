@@ -23,6 +23,10 @@ and re-normalised; both start from spherical k-means on the tokenizer's outputs 
 first `init_batches` batches; a code unused for `dead_after` steps is re-drawn from the
 step's kept encoder outputs (the same draw on every rank).
 
+Re-quantization as the MLX stage (`model.tokenizer_init`, `model.frozen`, `loss.projection_init`,
+`loss.kmeans_on`; its docstring says why): `tokenizer_init` is a folder in the released layout
+(or an MLX folder) whose tokenizer and decoders this run starts from.
+
 One difference from the MLX stage, only with several ranks: the mean keep fraction and the
 kept-token counts that normalise the codebook terms are the global batch's (all-reduced;
 the keep fraction differentiably), so that N ranks compute the step of one process on the
@@ -43,6 +47,7 @@ from torch import nn
 from lavit_mlx.config import LaVITConfig, TokenizerConfig, VQDecoderConfig, check_heads, mlp_width
 from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES
+from lavit_mlx.training.stages.tokenizer import pca_projection
 
 from .. import checkpoint as release
 from ..data import StreamLoader, eval_loader, even_batches, stack
@@ -225,6 +230,12 @@ def init_decoder(decoder: VQDecoder) -> None:
             decoder.unet_attnpool.positional_embedding.normal_(0.0, decoder.config.feature_dim ** -0.5)
 
 
+def tokenizer_part(tokenizer: DynamicVisualTokenizer, part: str) -> nn.Module:
+    """The module of a `model.frozen` part."""
+    return {"selector": tokenizer.token_predictor, "merger": tokenizer.causal_encoder,
+            "projection": tokenizer.encode_task_layer}[part]
+
+
 def freeze_unet_heads(decoder: VQDecoder) -> None:
     """The UNet projections are trained with the pixel decoder (stage 3), not here."""
     for name in ("unet_proj", "unet_proj_1", "unet_proj_2", "unet_attnpool"):
@@ -274,13 +285,38 @@ class TokenizerStage(Stage):
         for name in self.model_config.decoders:
             decoders[DECODERS[name]] = decoder = VQDecoder(self.lavit_config.component(DECODERS[name]))
             init_decoder(decoder)
+        if self.model_config.tokenizer_init:
+            self._start_from(Path(self.model_config.tokenizer_init).expanduser(), tokenizer, decoders)
+        for decoder in decoders.values():
             freeze_unet_heads(decoder)
         if self.loss_config.codebook == "ema":
             tokenizer.quantize.requires_grad_(False)  # moved by `after_step`, not by the optimizer
+        for part in self.model_config.frozen:
+            tokenizer_part(tokenizer, part).requires_grad_(False)
         self.module = TokenizerTraining(eva, tokenizer, decoders, self.loss_config, world,
                                         config.train.steps).to(world.device)
         self.module.eva.eval()
         self.data = self._loader(config.data.train)
+
+    def _start_from(self, folder: Path, tokenizer: DynamicVisualTokenizer, decoders: Dict[str, VQDecoder]) -> None:
+        """`model.tokenizer_init`: the folder's tokenizer replaces the fresh one, and its decoders
+        the fresh ones where it has them; the sizes must match (as the MLX stage)."""
+        if not folder.is_dir():
+            raise LaVITError(f"model.tokenizer_init {folder}: no such folder")
+        if not release.has_component(folder, "tokenizer"):
+            raise LaVITError(f"model.tokenizer_init {folder}: holds no tokenizer")
+        loaded = {"tokenizer": (tokenizer, release.load_tokenizer(folder, self.launch.vision_heads))}
+        for name, decoder in decoders.items():
+            if release.has_component(folder, name):
+                loaded[name] = (decoder, release.load_decoder(folder, name == "highres_decoder", self.launch.vision_heads))
+        for name, (ours, theirs) in loaded.items():
+            for size in ("width", "merger_depth", "num_heads", "mlp_dim", "codebook_size", "code_dim", "depth",
+                         "context_dims", "pooled_dim", "feature_dim", "num_patches"):
+                a, b = getattr(ours.config, size, None), getattr(theirs.config, size, None)
+                if a is not None and b is not None and tuple(np.atleast_1d(a)) != tuple(np.atleast_1d(b)):
+                    raise LaVITError(f"model.tokenizer_init {folder}: its {name} has {size} {b}, this run's "
+                                     f"model section {a}")
+            ours.load_state_dict(theirs.state_dict(), strict=True)
 
     def _loader(self, sources, epochs: Optional[int] = None, shuffle: bool = True, workers: Optional[int] = None):
         data = self.config.data
@@ -338,13 +374,26 @@ class TokenizerStage(Stage):
             fc2 = module.eva.blocks[-1].mlp.fc2
             fc2.bias.sub_(mean.to(fc2.bias.dtype))  # the residual stream ends with this bias: EVA's output - mean
             features = features - mean
+        tokenizer = module.tokenizer
+        tokenizer.eval()
+        out = tokenizer(features)
+        kept = out.keep.reshape(-1) > 0.5
+        if not bool(kept.any()):
+            kept = torch.ones_like(kept)  # a selector that keeps nothing yet: every position
+        if cfg.projection_init == "pca":
+            merged = out.merged.reshape(-1, out.merged.shape[-1])[kept]
+            arrays = pca_projection(merged.double().cpu().numpy(), self.lavit_config.tokenizer.code_dim)
+            first, last = tokenizer.encode_task_layer[0], tokenizer.encode_task_layer[2]
+            for target, array in zip((first.weight, first.bias, last.weight, last.bias), arrays):
+                assign_full(target, torch.from_numpy(array).to(target.device, target.dtype))
+            out = tokenizer(features, keep=out.keep)
+        tokenizer.train()
         if cfg.kmeans_iters > 0:
-            tokenizer = module.tokenizer
-            tokenizer.eval()
-            z = tokenizer(features).z
-            tokenizer.train()
+            z = out.z.reshape(-1, out.z.shape[-1])
+            if cfg.kmeans_on == "kept":
+                z = z[kept]
             generator = torch.Generator(device=z.device).manual_seed(self.config.train.seed + 1)
-            centroids = spherical_kmeans(z.reshape(-1, z.shape[-1]), module.codebook_size, cfg.kmeans_iters, generator)
+            centroids = spherical_kmeans(z, module.codebook_size, cfg.kmeans_iters, generator)
             tokenizer.quantize.embedding.weight.copy_(centroids)
 
     @torch.no_grad()
