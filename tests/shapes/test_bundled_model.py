@@ -24,12 +24,14 @@ SCENES, PROMPTS, RECONSTRUCTIONS = 60, 24, 12
 # Measured with `lavit eval shapes` (README): the bundled model misses these quality gates in
 # the budget it was trained with; each is expected to fail until a better-trained model ships.
 _SHORT = "missed by the bundled model (measured {}%; README, 'The bundled model')"
-MISSED: dict = {"caption_all_right": _SHORT.format(45.5), "caption_colour": _SHORT.format(75.8),
-                "caption_shape": _SHORT.format(88.3), "vqa": _SHORT.format(66.8),
-                "t2i_colour_and_cell": _SHORT.format(6.0), "t2i_shape": _SHORT.format(1.0),
-                "reconstruction_colour_and_cell": _SHORT.format(4.0)}
-# caption_place is met (95.9% on 200 scenes). caption_shape (88.3% there) is the closest miss:
-# this draw of 60 measured 83.9% against the bound less two standard errors, 89.4%.
+MISSED: dict = {"caption_all_right": _SHORT.format(62.5), "caption_shape": _SHORT.format(90.8),
+                "vqa": _SHORT.format(67.8), "t2i_colour_and_cell": _SHORT.format(2.0),
+                "t2i_shape": _SHORT.format(1.0), "reconstruction_colour_and_cell": _SHORT.format(6.0)}
+# caption_colour (95.1% on 200 scenes) is met; caption_place (94.75% there, the bound 95%) is
+# within noise of it and passes here (96.7%). caption_shape is the closest miss: this draw of 60
+# measured 88.6% against the bound less two standard errors, 89.4%, one object short; another
+# CPU's rounding may give that object, so its mark is not strict.
+NOT_STRICT = {"caption_shape"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_gate(report, gate, request):
     from lavit_mlx.eval.run import GATES
 
     if gate in MISSED:
-        request.applymarker(pytest.mark.xfail(reason=MISSED[gate], strict=True))
+        request.applymarker(pytest.mark.xfail(reason=MISSED[gate], strict=gate not in NOT_STRICT))
     bound = GATES[gate]
     margin = 2 * math.sqrt(bound * (1 - bound) / _size(gate))
     assert report["metrics"][gate] >= bound - margin, (gate, report["metrics"][gate], bound)
