@@ -98,6 +98,9 @@ def stage_overrides(stage: str, options: BuildOptions) -> List[str]:
     overrides = common + data + specific
     if stage == "llm":
         overrides.remove(data[0])
+    if stage == "quantizer":  # the tokenizer's sizes, as the user set them for its first pass
+        overrides += [o for o in options.overrides.get("tokenizer", [])
+                      if o.startswith("model.") and not o.startswith("model.init=")]
     return overrides + scaled_steps(stage, options) + options.overrides.get(stage, [])
 
 

@@ -88,6 +88,23 @@ def test_the_same_seed_gives_the_same_encoder_and_another_seed_does_not(tmp_path
     assert runs["a"] == runs["b"] != runs["c"]
 
 
+def test_the_quantizer_pass_has_the_tokenizer_sizes():
+    """configs/quantizer.yaml re-runs the tokenizer stage on the first pass's export: its model
+    sizes must be tokenizer.yaml's (the build hands the quantizer step the tokenizer's --set sizes)."""
+    from lavit_mlx.shapes.build import CONFIGS, stage_overrides
+    from lavit_mlx.training.config import load_run_config
+
+    first = load_run_config("tokenizer", CONFIGS / "tokenizer.yaml", [f"model.init={CONFIGS}"]).model
+    second = load_run_config("tokenizer", CONFIGS / "quantizer.yaml", [f"model.init={CONFIGS}"]).model
+    for name in ("merger_depth", "num_heads", "mlp_dim", "codebook_size", "code_dim", "decoders", "highres_decoder"):
+        assert getattr(first, name) == getattr(second, name), name
+    options = BuildOptions(out=Path("runs/x"), overrides=parse_overrides(["tokenizer.model.merger_depth=1",
+                                                                          "tokenizer.train.steps=3"]))
+    overrides = stage_overrides("quantizer", options)
+    assert "merger_depth=1" in " ".join(overrides) and "train.steps=3" not in overrides
+    assert f"model.tokenizer_init={Path('runs/x/tokenizer/model')}" in overrides
+
+
 def test_bad_build_options_are_one_line_errors(tmp_path):
     with pytest.raises(LaVITError, match="STAGE.KEY=VALUE"):
         parse_overrides(["train.steps"])
