@@ -100,13 +100,19 @@ def test_matches_diffusers(name, overrides, steps):
     assert np.array_equal(np.asarray(ours_np.timesteps), ref.timesteps.numpy())
     assert ours_np.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
 
+    # Euler starts at x = init_noise_sigma * noise: at zero terminal SNR sigma_max is 4096 (diffusers
+    # clamps the last alpha_bar to 2^-24), and its first step cancels ~12 of float32's 24 bits, so
+    # the two float32 orders of operations may differ by eps * sigma_max (2.3e-5 measured on an AMD
+    # EPYC, 2e-6 on an Intel Xeon); the other cases keep TOL (measured within it on both)
+    zero_snr = bool(config.get("rescale_betas_zero_snr"))
+    tol = max(TOL, 2 * float(np.finfo(np.float32).eps) * float(ref.init_noise_sigma)) if zero_snr else TOL
     start = np.random.default_rng(0).standard_normal((2, 4, 6, 5)).astype(np.float32)
     x_ref = torch.from_numpy(start) * ref.init_noise_sigma
     x_np = start * ours_np.init_noise_sigma
     x_mx = mx.array(start) * ours_mx.init_noise_sigma
     for i, t in enumerate(ref.timesteps):
         model_in = ours_np.scale_model_input(x_np, ours_np.timesteps[i])
-        assert max_rel(model_in, ref.scale_model_input(x_ref, t)) <= TOL
+        assert max_rel(model_in, ref.scale_model_input(x_ref, t)) <= tol
         output = fake_model(model_in, i)
         x_ref = ref.step(torch.from_numpy(output), t, x_ref).prev_sample
         x_np = ours_np.step(output, ours_np.timesteps[i], x_np)
@@ -114,8 +120,8 @@ def test_matches_diffusers(name, overrides, steps):
         x_mx = ours_mx.step(mx.array(fake_model(np.array(mx_in), i)), ours_mx.timesteps[i], x_mx)
     assert isinstance(x_np, np.ndarray) and x_np.dtype == np.float32
     assert isinstance(x_mx, mx.array) and x_mx.dtype == mx.float32
-    assert max_rel(x_np, x_ref.numpy()) <= TOL
-    assert max_rel(x_mx, x_ref.numpy()) <= TOL
+    assert max_rel(x_np, x_ref.numpy()) <= tol
+    assert max_rel(x_mx, x_ref.numpy()) <= tol
 
 
 def test_zero_terminal_snr_schedule_is_diffusers():
