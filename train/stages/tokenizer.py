@@ -374,6 +374,8 @@ class TokenizerStage(Stage):
             fc2 = module.eva.blocks[-1].mlp.fc2
             fc2.bias.sub_(mean.to(fc2.bias.dtype))  # the residual stream ends with this bias: EVA's output - mean
             features = features - mean
+        if cfg.projection_init != "pca" and cfg.kmeans_iters <= 0:
+            return
         tokenizer = module.tokenizer
         tokenizer.eval()
         out = tokenizer(features)

@@ -509,24 +509,25 @@ class TokenizerStage(Stage):
                 fc2 = self.model.eva.blocks[-1].mlp.fc2
                 fc2.bias = fc2.bias - mean  # the residual stream ends with this bias: EVA's output - mean
                 features = features - mean
-            tokenizer.eval()
-            out = tokenizer(features)
-            kept = np.array(out.keep).reshape(-1) > 0.5
-            if not kept.any():
-                kept[:] = True  # a selector that keeps nothing yet: every position
-            if cfg.projection_init == "pca":
-                merged = np.array(out.merged).reshape(-1, out.merged.shape[-1])[kept]
-                w1, b1, w2, b2 = pca_projection(merged, self.lavit_config.tokenizer.code_dim)
-                first, last = tokenizer.encode_task_layer[0], tokenizer.encode_task_layer[2]
-                first.weight, first.bias, last.weight, last.bias = (mx.array(a) for a in (w1, b1, w2, b2))
-                out = tokenizer(features, keep=out.keep)
-            tokenizer.train()
-            if cfg.kmeans_iters > 0:
-                z = out.z.reshape(-1, out.z.shape[-1])
-                if cfg.kmeans_on == "kept":
-                    z = z[mx.array(np.flatnonzero(kept).astype(np.int32))]
-                key = mx.random.key(self.config.train.seed + 1)
-                tokenizer.quantize.embedding.weight = spherical_kmeans(z, self.codebook_size, cfg.kmeans_iters, key)
+            if cfg.projection_init == "pca" or cfg.kmeans_iters > 0:
+                tokenizer.eval()
+                out = tokenizer(features)
+                kept = np.array(out.keep).reshape(-1) > 0.5
+                if not kept.any():
+                    kept[:] = True  # a selector that keeps nothing yet: every position
+                if cfg.projection_init == "pca":
+                    merged = np.array(out.merged).reshape(-1, out.merged.shape[-1])[kept]
+                    w1, b1, w2, b2 = pca_projection(merged, self.lavit_config.tokenizer.code_dim)
+                    first, last = tokenizer.encode_task_layer[0], tokenizer.encode_task_layer[2]
+                    first.weight, first.bias, last.weight, last.bias = (mx.array(a) for a in (w1, b1, w2, b2))
+                    out = tokenizer(features, keep=out.keep)
+                tokenizer.train()
+                if cfg.kmeans_iters > 0:
+                    z = out.z.reshape(-1, out.z.shape[-1])
+                    if cfg.kmeans_on == "kept":
+                        z = z[mx.array(np.flatnonzero(kept).astype(np.int32))]
+                    key = mx.random.key(self.config.train.seed + 1)
+                    tokenizer.quantize.embedding.weight = spherical_kmeans(z, self.codebook_size, cfg.kmeans_iters, key)
         self.state["initialised"] = mx.ones((1,), mx.int32)
         mx.eval(self.model.parameters(), self.state)
 
