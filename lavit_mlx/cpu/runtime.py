@@ -212,6 +212,18 @@ def tune_malloc() -> bool:
         return False
 
 
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the kernel (glibc's `malloc_trim`); False where
+    it cannot. With `MALLOC_TUNING` freed memory stays in the process for reuse, which is
+    right during work; a server calls this when it goes idle so that fragmentation does not
+    show as slowly rising resident memory.
+    """
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def prepare() -> BlasState:
     """Load the fast BLAS into this process before MLX is imported (idempotent).
 

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
+from ..cpu.runtime import release_free_memory
 from ..errors import CheckpointError, LaVITError
 from .errors import APIError, invalid, server_error
 
@@ -182,6 +183,9 @@ class Worker:
             finally:
                 with self._cond:
                     self._running = []
+                    idle = not self._pending
+                if idle:  # no work holds the heap's free pages now: give them back
+                    release_free_memory()
                 share = (time.monotonic() - start) / len(jobs)
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * share
 

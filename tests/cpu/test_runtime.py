@@ -116,3 +116,24 @@ def test_skinny_kernel_is_active_when_built():
         pytest.skip("opted out")
     assert runtime.STATE.skinny_kernel
     assert any("liblavit_blas" in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_releasing_free_memory_gives_the_heap_back():
+    """With the tuned malloc a freed 256 MB buffer stays in the process (for reuse during
+    work); `release_free_memory`, which the server calls when it goes idle, returns it."""
+    script = (
+        "import lavit_mlx, ctypes, numpy as np\n"
+        "from pathlib import Path\n"
+        "from lavit_mlx.cpu import runtime\n"
+        "def rss(): return next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines()"
+        " if l.startswith('VmRSS')) // 1024\n"
+        "assert runtime.tune_malloc()\n"
+        "base = rss(); block = np.ones(64 * 2**20, np.float32); block += 1; del block\n"
+        "kept = rss(); assert runtime.release_free_memory() is True; print(base, kept, rss())\n")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc_trim: Linux only")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    base, kept, released = map(int, out.stdout.split())
+    assert kept - base > 200, f"the freed buffer did not stay in the heap: {base} -> {kept} MiB"
+    assert kept - released > 200, f"release_free_memory gave nothing back: {kept} -> {released} MiB"
