@@ -26,7 +26,8 @@ CODEBOOK_MODES = ("ema", "gradient")
 PATCH_WEIGHTS = ("uniform", "norm")
 PROJECTION_INITS = ("random", "pca")
 KMEANS_ON = ("all", "kept")
-FROZEN_PARTS = ("selector", "merger", "projection")
+FROZEN_PARTS = ("selector", "merger", "projection", "codebook")
+TARGET_SPACES = ("raw", "whitened")
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TokenizerModel:
     highres_decoder: DecoderSection = field(default_factory=DecoderSection)
     lowres_decoder: DecoderSection = field(default_factory=lambda: DecoderSection(context_dims=(128,), pooled_dim=0))
     tokenizer_init: str = ""  # a folder whose tokenizer (and decoders, where it has them) this run starts from
-    frozen: list = ()  # tokenizer parts left as they start: selector, merger, projection (a re-quantization)
+    frozen: list = ()  # tokenizer parts left as they start: selector, merger, projection, codebook (no EMA, no restarts)
 
     def check(self) -> None:
         if not self.init:
@@ -98,8 +99,13 @@ class TokenizerLoss:
     patch_weights: str = "uniform"  # uniform | norm: each patch's term weighted by its target's length
     projection_init: str = "random"  # random | pca: the quantizer's projection starts as the kept merger outputs' PCA
     kmeans_on: str = "all"  # all | kept: the positions whose encoder outputs the codebook's k-means clusters
+    target_space: str = "raw"  # raw | whitened: the reconstruction's cosine on PCA-whitened features
 
     def check(self) -> None:
+        if self.target_space not in TARGET_SPACES:
+            raise LaVITError(f"loss.target_space {self.target_space!r}: choose from {', '.join(TARGET_SPACES)}")
+        if self.target_space == "whitened" and self.init_batches < 1:
+            raise LaVITError("loss.target_space whitened: needs loss.init_batches of at least 1 (its data)")
         if self.projection_init not in PROJECTION_INITS:
             raise LaVITError(f"loss.projection_init {self.projection_init!r}: choose from {', '.join(PROJECTION_INITS)}")
         if self.kmeans_on not in KMEANS_ON:

@@ -61,15 +61,17 @@ def close(a, b, rel=1e-4) -> bool:
     return abs(float(a) - float(b)) <= rel * max(abs(float(b)), 1e-8)
 
 
-@pytest.mark.parametrize("patch_weights", ["uniform", "norm"])
-def test_tokenizer_first_step_loss_agrees(folders, tmp_path, patch_weights):
+@pytest.mark.parametrize("patch_weights, target_space", [("uniform", "raw"), ("norm", "raw"), ("uniform", "whitened")])
+def test_tokenizer_first_step_loss_agrees(folders, tmp_path, patch_weights, target_space):
     from mlx.utils import tree_flatten
 
     config = write_config(tmp_path / "tokenizer.yaml", {
         "stage": "tokenizer", "out": str(tmp_path / "run"), "model": {"init": str(folders["mlx"]), **builders.TOKENIZER_MODEL},
         "data": {"train": str(folders["data"]), "image_size": 28, "shuffle_buffer": 4, "lines_per_shard": 5},
         "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1},
-        "loss": {"init_batches": 0, "codebook": "gradient", "patch_weights": patch_weights},
+        "loss": {"init_batches": 0, "codebook": "gradient", "patch_weights": patch_weights, "target_space": target_space,
+                 # whitened: the whitening is fitted on the first batch (nothing else is initialised)
+                 **({"init_batches": 1, "kmeans_iters": 0, "center_features": False} if target_space == "whitened" else {})},
     })
     theirs = mlx_stage("tokenizer", config)
     ours = torch_stage(config)
@@ -77,8 +79,13 @@ def test_tokenizer_first_step_loss_agrees(folders, tmp_path, patch_weights):
     trained = [k for k, p in ours.module.named_parameters() if not k.startswith("eva.")]
     assert copied >= len(trained)
     mlx_batch = next(theirs.batches())
+    ours.before_training()
     torch_batch = next(ours.batches())
     assert np.array_equal(np.array(mlx_batch["pixels"]), torch_batch["pixels"].numpy())
+    if target_space == "whitened":  # the same whitening, up to the eigenvectors' signs
+        mlx_white, torch_white = np.array(theirs.state["whiten"]), ours.module.whiten.numpy()
+        assert np.allclose(mlx_white @ mlx_white.T, torch_white @ torch_white.T, rtol=1e-3, atol=1e-3)
+        assert not np.allclose(torch_white, np.eye(len(torch_white)))
     theirs.model.tokenizer.eval()
     mlx_loss, mlx_metrics = theirs.loss(theirs.model, mlx_batch)
     ours.module.train()

@@ -102,3 +102,24 @@ def test_requantization_keeps_frozen_parts(tokenizer_config, tokenizer_run, tmp_
     decoder_before = release.load_decoder(first, vision_heads=builders.HEADS).state_dict()
     decoder_after = release.load_decoder(out / "model", vision_heads=builders.HEADS).state_dict()
     assert not torch.equal(decoder_before["decode_task_layer.0.weight"], decoder_after["decode_task_layer.0.weight"])
+
+
+def test_decoder_only_run_in_whitened_space(tokenizer_config, tokenizer_run, tmp_path):
+    """`model.frozen: [selector, merger, projection, codebook]` + `loss.target_space: whitened` in
+    PyTorch: the whole tokenizer, codebook included, stays bit-equal; the decoder trains."""
+    from lavit_train import checkpoint as release
+
+    first = tokenizer_run / "model"
+    out = tmp_path / "decoder-only"
+    checked(run_driver(tokenizer_config, out, "--set", "train.steps=4", "--set", f"model.init={first}",
+                       "--set", f"model.tokenizer_init={first}",
+                       "--set", "model.frozen=[selector, merger, projection, codebook]",
+                       "--set", "loss.target_space=whitened", "--set", "loss.kmeans_iters=0",
+                       "--set", "loss.center_features=false", "--set", "loss.init_batches=1",
+                       "--vision-heads", str(builders.HEADS)))
+    before = release.load_tokenizer(first, builders.HEADS).state_dict()
+    after = release.load_tokenizer(out / "model", builders.HEADS).state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    decoder_before = release.load_decoder(first, vision_heads=builders.HEADS).state_dict()
+    decoder_after = release.load_decoder(out / "model", vision_heads=builders.HEADS).state_dict()
+    assert not torch.equal(decoder_before["decode_task_layer.0.weight"], decoder_after["decode_task_layer.0.weight"])

@@ -30,7 +30,7 @@ import lavit_mlx  # noqa: E402
 from lavit_mlx.config import EVAConfig, LaVITConfig, TokenIds, VQDecoderConfig  # noqa: E402
 from lavit_mlx.errors import LaVITError  # noqa: E402
 from lavit_mlx.training import load_run_config  # noqa: E402
-from lavit_mlx.training.stages.tokenizer import (kept_positions, norm_ema_update, patch_weights,  # noqa: E402
+from lavit_mlx.training.stages.tokenizer import (kept_positions, norm_ema_update, patch_weights, whitening,  # noqa: E402
                                                  pca_projection, perplexity, spherical_kmeans)
 
 SCRIPT = Path(__file__)
@@ -219,6 +219,48 @@ def test_requantization_keeps_frozen_parts(world, tmp_path):
     assert np.array_equal(np.array(old_decoder["unet_proj_1.weight"]), np.array(new_decoder["unet_proj_1.weight"]))
 
 
+def test_whitening_by_hand():
+    rng = np.random.default_rng(1)
+    # 6-dimensional features, one direction 100 times wider than another, one of no variance
+    mixing = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    points = (rng.normal(size=(3000, 6)) * np.array([100.0, 10.0, 5.0, 3.0, 2.0, 0.0])) @ mixing + 5.0
+    mean, matrix = whitening(points)
+    assert mean.shape == (6,) and matrix.shape == (6, 6) and matrix.dtype == np.float32
+    white = (points - mean) @ matrix
+    covariance = np.cov(white, rowvar=False)
+    values = np.sort(np.linalg.eigvalsh(covariance))
+    assert np.allclose(values[1:], 1.0, atol=1e-3)  # unit variance along every direction that has some
+    assert values[0] < 1e-6  # the direction of no variance is not blown up (its eigenvalue is floored)
+    assert np.abs(white).max() < 10
+
+
+def test_decoder_only_run_in_whitened_space(world, tmp_path):
+    """`model.frozen: [selector, merger, projection, codebook]` + `loss.target_space: whitened`: a
+    run that retrains only the VQ decoder against PCA-whitened targets; the whole tokenizer
+    (codebook included: no EMA, no restarts) stays bit-equal, so the codes an LLM was trained
+    on do not change, and the decoder trains."""
+    from mlx.utils import tree_flatten
+
+    first = tmp_path / "first"
+    run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", first, 6))
+    overrides = tokenizer_overrides(world, first / "model", tmp_path / "second", 6, **{
+        "model.tokenizer_init": first / "model", "model.frozen": "[selector, merger, projection, codebook]",
+        "loss.target_space": "whitened", "loss.kmeans_iters": "0", "loss.center_features": "false",
+        "loss.calibrate_threshold": "false", "loss.init_batches": "2"})
+    stage, last = run_stage("tokenizer", overrides)
+    assert np.isfinite(last["loss"]) and 0 < last["eval_highres_reconstruction"] < 2
+    matrix = np.array(stage.state["whiten"])
+    assert not np.allclose(matrix, np.eye(matrix.shape[0]))  # set from the init batches
+    before = lavit_mlx.load(first / "model", components=["tokenizer", "highres_decoder"])
+    after = lavit_mlx.load(tmp_path / "second" / "model", components=["tokenizer", "highres_decoder"])
+    old, new = dict(tree_flatten(before.tokenizer.parameters())), dict(tree_flatten(after.tokenizer.parameters()))
+    assert all(np.array_equal(np.array(old[k]), np.array(new[k])) for k in old)
+    old_decoder = dict(tree_flatten(before.highres_decoder.parameters()))
+    new_decoder = dict(tree_flatten(after.highres_decoder.parameters()))
+    assert not np.array_equal(np.array(old_decoder["decode_task_layer.0.weight"]),
+                              np.array(new_decoder["decode_task_layer.0.weight"]))
+
+
 def test_requantization_rejects_a_mismatched_tokenizer(world, tmp_path):
     first = tmp_path / "first"
     run_stage("tokenizer", tokenizer_overrides(world, world / "encoder", first, 2))
@@ -272,11 +314,13 @@ def test_bad_configs_are_one_line_errors(world):
                               ("loss.keep_ratio=0", "keep_ratio"), ("loss.patch_weights=area", "loss.patch_weights"),
                               ("loss.projection_init=svd", "loss.projection_init"),
                               ("loss.kmeans_on=some", "loss.kmeans_on"),
+                              ("loss.target_space=pca", "loss.target_space"),
+                              ("loss.target_space=whitened loss.init_batches=0", "needs loss.init_batches"),
                               ("model.frozen=[selector]", "model.tokenizer_init"),
                               ("model.frozen=[decoder]", "model.frozen"),
                               ("model.highres_decoder.context_dims=[16]", "context_dims")):
         with pytest.raises(LaVITError, match=message):
-            load_run_config("tokenizer", None, [f"model.init={encoder}", override])
+            load_run_config("tokenizer", None, [f"model.init={encoder}", *override.split()])
     with pytest.raises(LaVITError, match="model.init"):
         load_run_config("tokenizer", None, [])
 

@@ -47,7 +47,7 @@ from torch import nn
 from lavit_mlx.config import LaVITConfig, TokenizerConfig, VQDecoderConfig, check_heads, mlp_width
 from lavit_mlx.errors import LaVITError
 from lavit_mlx.layout import RELEASE_FILES
-from lavit_mlx.training.stages.tokenizer import pca_projection
+from lavit_mlx.training.stages.tokenizer import pca_projection, whitening
 
 from .. import checkpoint as release
 from ..data import StreamLoader, eval_loader, even_batches, stack
@@ -134,6 +134,17 @@ class TokenizerTraining(nn.Module):
         self.loss_config, self.world, self.steps = loss, world, steps
         self.codebook_size = tokenizer.config.codebook_size
         self.register_buffer("idle", torch.zeros(self.codebook_size, dtype=torch.int64))  # steps since last use
+        width = tokenizer.config.width
+        # loss.target_space whitened: set from the init batches' features (`before_training`)
+        self.register_buffer("whiten_mean", torch.zeros(width))
+        self.register_buffer("whiten", torch.eye(width))
+        self.codebook_frozen = False  # model.frozen: codebook (set by the stage)
+
+    def target_space(self, features: torch.Tensor) -> torch.Tensor:
+        """Features as the reconstruction compares them: as they are, or PCA-whitened (the MLX stage's)."""
+        if self.loss_config.target_space == "raw":
+            return features
+        return (features - self.whiten_mean) @ self.whiten
 
     def train(self, mode: bool = True):
         """Training mode for what trains; the frozen encoders stay in inference mode."""
@@ -159,11 +170,12 @@ class TokenizerTraining(nn.Module):
         kept = out.keep.detach()  # the forward values: exactly 0 or 1
         positions = kept_positions(kept)
         weights = patch_weights(target, cfg.patch_weights)
+        compared = self.target_space(target)
         metrics = {}
         loss = target.new_zeros(())
         for name in self.decoder_names:
             decoded = getattr(self, name).decode_features(out.quantized, kept, positions, policy=out.keep)
-            term = (weights * (1.0 - cosine(decoded.float(), target))).mean()
+            term = (weights * (1.0 - cosine(self.target_space(decoded.float()), compared))).mean()
             metrics[f"{name.split('_')[0]}_reconstruction"] = term
             loss = loss + term
         kept_sum = world.global_sum(kept.sum())
@@ -197,6 +209,10 @@ class TokenizerTraining(nn.Module):
         weight = self.tokenizer.quantize.embedding.weight
         counts, sums = code_statistics(metrics["codes"], metrics["z"], metrics["kept"], self.codebook_size)
         counts, sums = world.global_sum(counts), world.global_sum(sums)
+        metrics["perplexity"] = perplexity(counts)
+        metrics["codes_used"] = (counts > 0).sum()
+        if self.codebook_frozen:  # model.frozen: codebook: the rows stay as they started
+            return
         codebook = full_tensor(weight).float()
         if cfg.codebook == "ema":
             codebook = norm_ema_update(codebook, counts, sums, cfg.ema_decay)
@@ -217,8 +233,6 @@ class TokenizerTraining(nn.Module):
                 idle = torch.where(dead, 0, idle)
         self.idle.copy_(idle)
         assign_full(weight, codebook)
-        metrics["perplexity"] = perplexity(counts)
-        metrics["codes_used"] = (counts > 0).sum()
 
 
 def init_decoder(decoder: VQDecoder) -> None:
@@ -233,7 +247,7 @@ def init_decoder(decoder: VQDecoder) -> None:
 def tokenizer_part(tokenizer: DynamicVisualTokenizer, part: str) -> nn.Module:
     """The module of a `model.frozen` part."""
     return {"selector": tokenizer.token_predictor, "merger": tokenizer.causal_encoder,
-            "projection": tokenizer.encode_task_layer}[part]
+            "projection": tokenizer.encode_task_layer, "codebook": tokenizer.quantize}[part]
 
 
 def freeze_unet_heads(decoder: VQDecoder) -> None:
@@ -295,6 +309,7 @@ class TokenizerStage(Stage):
             tokenizer_part(tokenizer, part).requires_grad_(False)
         self.module = TokenizerTraining(eva, tokenizer, decoders, self.loss_config, world,
                                         config.train.steps).to(world.device)
+        self.module.codebook_frozen = "codebook" in self.model_config.frozen
         self.module.eva.eval()
         self.data = self._loader(config.data.train)
 
@@ -374,6 +389,10 @@ class TokenizerStage(Stage):
             fc2 = module.eva.blocks[-1].mlp.fc2
             fc2.bias.sub_(mean.to(fc2.bias.dtype))  # the residual stream ends with this bias: EVA's output - mean
             features = features - mean
+        if cfg.target_space == "whitened":
+            mean, matrix = whitening(features.double().cpu().numpy())
+            module.whiten_mean.copy_(torch.from_numpy(mean))
+            module.whiten.copy_(torch.from_numpy(matrix))
         if cfg.projection_init != "pca" and cfg.kmeans_iters <= 0:
             return
         tokenizer = module.tokenizer
@@ -432,7 +451,8 @@ class TokenizerStage(Stage):
                     continue  # run for the other ranks' collectives
                 for name in module.decoder_names:
                     key = f"{name.split('_')[0]}_reconstruction"
-                    sums[key] = sums.get(key, 0.0) + float((1.0 - cosine(decoded[name].float(), target)).mean())
+                    compared = cosine(module.target_space(decoded[name].float()), module.target_space(target))
+                    sums[key] = sums.get(key, 0.0) + float((1.0 - compared).mean())
                 sums["keep_fraction"] = sums.get("keep_fraction", 0.0) + float(out.keep.mean())
                 keep = out.keep > 0.5
                 for count, objects in zip(keep.sum(dim=1).tolist(), batch["num_objects"].tolist()):

@@ -108,7 +108,9 @@ CODEBOOK_MODES = ("ema", "gradient")
 PATCH_WEIGHTS = ("uniform", "norm")
 PROJECTION_INITS = ("random", "pca")
 KMEANS_ON = ("all", "kept")
-FROZEN_PARTS = ("selector", "merger", "projection")
+FROZEN_PARTS = ("selector", "merger", "projection", "codebook")
+TARGET_SPACES = ("raw", "whitened")
+WHITEN_FLOOR = 1e-4  # eigenvalues of the target covariance below this times the largest are raised to it
 
 
 @dataclass
@@ -137,7 +139,7 @@ class TokenizerModel:
     highres_decoder: DecoderSection = field(default_factory=DecoderSection)
     lowres_decoder: DecoderSection = field(default_factory=lambda: DecoderSection(context_dims=(128,), pooled_dim=0))
     tokenizer_init: str = ""  # an MLX folder whose tokenizer (and decoders, where it has them) this run starts from
-    frozen: list = ()  # tokenizer parts left as they start: selector, merger, projection (a re-quantization)
+    frozen: list = ()  # tokenizer parts left as they start: selector, merger, projection, codebook (no EMA, no restarts)
 
     def check(self) -> None:
         if not self.init:
@@ -180,6 +182,7 @@ class TokenizerLoss:
     patch_weights: str = "uniform"  # uniform | norm: each patch's term weighted by its target's length (see the docstring)
     projection_init: str = "random"  # random | pca: the quantizer's projection starts as the kept merger outputs' PCA
     kmeans_on: str = "all"  # all | kept: the positions whose encoder outputs the codebook's k-means clusters
+    target_space: str = "raw"  # raw | whitened: the reconstruction's cosine on PCA-whitened features (see the docstring)
 
     def check(self) -> None:
         if self.projection_init not in PROJECTION_INITS:
@@ -188,6 +191,10 @@ class TokenizerLoss:
             raise LaVITError(f"loss.kmeans_on {self.kmeans_on!r}: choose from {', '.join(KMEANS_ON)}")
         if self.projection_init == "pca" and self.init_batches < 1:
             raise LaVITError("loss.projection_init pca: needs loss.init_batches of at least 1 (its data)")
+        if self.target_space not in TARGET_SPACES:
+            raise LaVITError(f"loss.target_space {self.target_space!r}: choose from {', '.join(TARGET_SPACES)}")
+        if self.target_space == "whitened" and self.init_batches < 1:
+            raise LaVITError("loss.target_space whitened: needs loss.init_batches of at least 1 (its data)")
         if self.patch_weights not in PATCH_WEIGHTS:
             raise LaVITError(f"loss.patch_weights {self.patch_weights!r}: choose from {', '.join(PATCH_WEIGHTS)}")
         if self.codebook not in CODEBOOK_MODES:
@@ -254,6 +261,17 @@ def patch_weights(target: mx.array, mode: str) -> mx.array:
     return length / mx.maximum(mx.mean(length, axis=1, keepdims=True), 1e-6)
 
 
+def whitening(features: np.ndarray):
+    """(mean (w,), matrix (w, w)) that map features (n, w) to PCA-whitened ones, `(x - mean) @ matrix`
+    with unit variance along every principal direction; eigenvalues under `WHITEN_FLOOR` times the
+    largest are raised to it (directions of no variance are not blown up)."""
+    points = np.asarray(features, np.float64).reshape(-1, features.shape[-1])
+    mean = points.mean(axis=0)
+    values, vectors = np.linalg.eigh(np.cov(points - mean, rowvar=False))
+    values = np.maximum(values, WHITEN_FLOOR * values.max())
+    return mean.astype(np.float32), (vectors / np.sqrt(values)).astype(np.float32)
+
+
 def pca_projection(points: np.ndarray, code_dim: int):
     """The quantizer projection `Linear(w, w) -> tanh -> Linear(w, code_dim)` that gives the first
     `code_dim` principal components of `points` (n, w), each scaled by the first one's standard
@@ -305,7 +323,7 @@ def init_decoder(decoder: VQDecoder) -> None:
 def tokenizer_part(tokenizer: DynamicVisualTokenizer, part: str) -> list:
     """The modules of a `model.frozen` part."""
     return {"selector": [tokenizer.token_predictor], "merger": [tokenizer.causal_encoder],
-            "projection": list(tokenizer.encode_task_layer)}[part]
+            "projection": list(tokenizer.encode_task_layer), "codebook": [tokenizer.quantize]}[part]
 
 
 def freeze_unet_heads(decoder: VQDecoder) -> None:
@@ -351,6 +369,7 @@ class TokenizerStage(Stage):
         for part in self.model_config.frozen:
             for module in tokenizer_part(tokenizer, part):
                 module.freeze()
+        self.codebook_frozen = "codebook" in self.model_config.frozen
         self.model.train()
         self.model.eva.eval()
         self.codebook_size = self.lavit_config.tokenizer.codebook_size
@@ -361,6 +380,10 @@ class TokenizerStage(Stage):
             "restart_key": mx.random.key(config.train.seed),  # the same dead-code draws on every rank
             "initialised": mx.zeros((1,), mx.int32),  # 1 once the feature mean and k-means were set
         }
+        if self.loss_config.target_space == "whitened":
+            width = self.lavit_config.tokenizer.width
+            self.state["whiten_mean"] = mx.zeros((width,))
+            self.state["whiten"] = mx.eye(width)  # set from the init batches' features
         self.data = ImageData(config, world, self._example)
 
     def _start_from(self, folder: Path, tokenizer: DynamicVisualTokenizer, decoders: Dict[str, VQDecoder]) -> None:
@@ -425,11 +448,12 @@ class TokenizerStage(Stage):
         kept = mx.stop_gradient(out.keep)  # the forward values: exactly 0 or 1
         positions = kept_positions(kept)
         weights = patch_weights(target, cfg.patch_weights)
+        compared = self._target_space(target)
         metrics = {}
         loss = 0.0
         for name in self.decoder_names:
             decoded = model[name].decode_features(out.quantized, kept, positions, policy=out.keep)
-            term = mx.mean(weights * (1.0 - cosine(decoded, target)))
+            term = mx.mean(weights * (1.0 - cosine(self._target_space(decoded), compared)))
             metrics[f"{name.split('_')[0]}_reconstruction"] = term
             loss = loss + term
         keep_fraction = mx.mean(out.keep)  # carries the straight-through gradient
@@ -458,10 +482,18 @@ class TokenizerStage(Stage):
         })
         return loss, metrics
 
+    def _target_space(self, features: mx.array) -> mx.array:
+        """Features as the reconstruction compares them: as they are, or PCA-whitened."""
+        if self.loss_config.target_space == "raw":
+            return features
+        return (features - self.state["whiten_mean"]) @ self.state["whiten"]
+
     def update(self, model, metrics) -> None:
         """Codebook statistics of the step (all-reduced over ranks) -> norm-EMA or re-normalisation,
         idle counters, dead-code restarts. Runs inside the compiled step."""
         cfg = self.loss_config
+        if self.codebook_frozen:  # model.frozen: codebook: the rows stay as they started
+            return
         quantize = model.tokenizer.quantize
         counts, sums = code_statistics(metrics["codes"], metrics["z"], metrics["kept"], self.codebook_size)
         if self.world.size > 1:
@@ -509,6 +541,9 @@ class TokenizerStage(Stage):
                 fc2 = self.model.eva.blocks[-1].mlp.fc2
                 fc2.bias = fc2.bias - mean  # the residual stream ends with this bias: EVA's output - mean
                 features = features - mean
+            if cfg.target_space == "whitened":
+                mean, matrix = whitening(np.array(features))
+                self.state["whiten_mean"], self.state["whiten"] = mx.array(mean), mx.array(matrix)
             if cfg.projection_init == "pca" or cfg.kmeans_iters > 0:
                 tokenizer.eval()
                 out = tokenizer(features)
@@ -576,7 +611,8 @@ class TokenizerStage(Stage):
             for name in self.decoder_names:
                 decoded = self.model[name].decode_features(out.quantized, out.keep, positions)
                 key = f"{name.split('_')[0]}_reconstruction"
-                sums[key] = sums.get(key, 0.0) + float(mx.mean(1.0 - cosine(decoded, target)))
+                compared = cosine(self._target_space(decoded), self._target_space(target))
+                sums[key] = sums.get(key, 0.0) + float(mx.mean(1.0 - compared))
             sums["keep_fraction"] = sums.get("keep_fraction", 0.0) + float(mx.mean(out.keep))
             keep = np.array(out.keep) > 0.5
             sums["tokens_per_image"] = sums.get("tokens_per_image", 0.0) + float(keep.sum(axis=1).mean())
