@@ -115,6 +115,35 @@ def test_the_last_steps_train_on_whole_pictures(data, tmp_path):
         VAEStage(too_many, World())
 
 
+def test_a_decoder_only_run_keeps_the_encoder_and_its_scaling_factor(data, tmp_path):
+    """`model.init` + `model.frozen: [encoder]`: the encoder (and quant_conv) come out bit-equal,
+    so the latents a UNet was trained on do not change; the decoder trains; the export keeps
+    the init's scaling_factor. Freezing without an init, or an unknown part, is an error."""
+    from mlx.utils import tree_flatten
+
+    from lavit_mlx.errors import LaVITError
+    from lavit_mlx.training import run
+    from lavit_mlx.training.config import load_run_config
+
+    first = tmp_path / "first"
+    run("vae", None, tiny_overrides(data, first, 4, **{"train.save_every": 0}), resume=False)
+    second = tmp_path / "second"
+    run("vae", None, tiny_overrides(data, second, 4, **{"train.save_every": 0, "model.init": str(first / "model"),
+                                                         "model.frozen": ["encoder"]}), resume=False)
+    before, before_config = load_trained_vae(first / "model")
+    after, after_config = load_trained_vae(second / "model")
+    assert after_config["scaling_factor"] == before_config["scaling_factor"]
+    old, new = dict(tree_flatten(before.parameters())), dict(tree_flatten(after.parameters()))
+    for key in old:
+        same = np.array_equal(np.array(old[key]), np.array(new[key]))
+        if key.startswith(("encoder.", "quant_conv.")):
+            assert same, key
+    assert not all(np.array_equal(np.array(old[k]), np.array(new[k])) for k in old if k.startswith("decoder."))
+    for extra, message in (({"model.frozen": ["encoder"]}, "model.init"), ({"model.frozen": ["unet"]}, "model.frozen")):
+        with pytest.raises(LaVITError, match=message):
+            load_run_config("vae", None, tiny_overrides(data, tmp_path / "bad", 2, **extra))
+
+
 def run_script(data, out, steps, kill_at=None):
     cmd = [sys.executable, __file__, str(data), str(out), str(steps), "-" if kill_at is None else str(kill_at)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -17,7 +17,12 @@ shapes world after 800 steps of 64 px crops: blue (30, 60, 230) came back as (34
 from a crop, (54, 178, 168) from the whole picture). The last `loss.full_picture_steps` steps
 therefore train on whole pictures, `loss.full_batch_size` at a time. Evaluation decodes whole held-out pictures from the
 posterior mean: PSNR, and the shapes checker on the reconstructions (every object read
-with its colour, shape and cell). The export is the VAE's diffusers folder in `out/model`
+with its colour, shape and cell). A decoder-only run (`model.init` + `model.frozen: [encoder]`, this project's) starts from a
+trained VAE and leaves its encoder as it is, so the latents, and a UNet trained on them, stay
+valid; the export keeps the init's `scaling_factor`. (Measured on the shapes VAE: the shapes
+checker read every object's colour and cell back from only 30% of its whole-picture
+reconstructions, red coming back orange or purple; the UNet cannot do better than that.)
+The export is the VAE's diffusers folder in `out/model`
 with `scaling_factor` = 1 / std of the latents (as Stable Diffusion set its 0.18215) and
 a DDIM scheduler config like the release's, as the `vae` and `scheduler` parts of a
 `PixelConfig`; the pixel stage adds the UNet.
@@ -38,6 +43,7 @@ from typing import Dict, Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 from PIL import Image
 
 from ...config import PixelConfig
@@ -68,6 +74,7 @@ DDIM_CONFIG = {
     "rescale_betas_zero_snr": False,
 }
 PIXEL_COMPONENTS = {"highres": "highres_pixel", "lowres": "lowres_pixel"}
+VAE_FROZEN_PARTS = ("encoder",)
 
 
 @dataclass
@@ -81,10 +88,17 @@ class VAEModel:
     mid_block_attention: bool = False
     decoder: str = "highres"  # the pixel decoder it belongs to: highres or lowres
     scheduler: dict = field(default_factory=dict)  # overrides of DDIM_CONFIG
+    init: str = ""  # a folder holding a trained VAE of this pixel decoder to start from (its sizes win)
+    frozen: list = ()  # encoder: the encoder and quant_conv stay as model.init has them (see the docstring)
 
     def check(self) -> None:
         if self.decoder not in PIXEL_COMPONENTS:
             raise LaVITError(f"model.decoder {self.decoder!r}: expected highres or lowres")
+        unknown = [part for part in self.frozen if part not in VAE_FROZEN_PARTS]
+        if unknown:
+            raise LaVITError(f"model.frozen: choose among {', '.join(VAE_FROZEN_PARTS)}, not {unknown}")
+        if self.frozen and not self.init:
+            raise LaVITError("model.frozen: parts can only be frozen when model.init gives them trained")
         if not self.channels or any(c % self.norm_num_groups for c in self.channels):
             raise LaVITError(f"model.channels {self.channels}: each must be a multiple of model.norm_num_groups "
                              f"{self.norm_num_groups}")
@@ -397,8 +411,19 @@ class VAEStage(Stage):
         super().__init__(config, world)
         m, loss = config.model, config.loss
         self.vae_config = m.vae_config()
-        self.model = for_training(AutoencoderKL(VAEConfig.from_dict(self.vae_config)))
-        initialise(self.model)
+        self.kept_scaling = None  # the init's scaling_factor, kept when its encoder is frozen
+        if m.init:
+            vae, self.vae_config = load_trained_vae(m.init, PIXEL_COMPONENTS[m.decoder])
+            vae.update(tree_map(lambda a: a.astype(mx.float32), vae.parameters()))
+            self.model = for_training(vae)
+            if "encoder" in m.frozen:
+                self.kept_scaling = float(self.vae_config["scaling_factor"])
+                self.model.encoder.freeze()
+                if "quant_conv" in self.model:
+                    self.model.quant_conv.freeze()
+        else:
+            self.model = for_training(AutoencoderKL(VAEConfig.from_dict(self.vae_config)))
+            initialise(self.model)
         factor = self.model.scale_factor
         for name, value in (("data.image_size", config.data.image_size), ("loss.crop_size", loss.crop_size)):
             if value % factor or value > config.data.image_size:
@@ -474,7 +499,8 @@ class VAEStage(Stage):
         """The VAE (with scaling_factor = 1 / latent std) and the scheduler config into `folder`."""
         if self._latent_std is None:
             self.evaluate()
-        vae_config = {**self.vae_config, "scaling_factor": round(1.0 / max(self._latent_std, 1e-6), 5)}
+        scaling = self.kept_scaling or round(1.0 / max(self._latent_std, 1e-6), 5)  # frozen encoder: the latents the UNet knows
+        vae_config = {**self.vae_config, "scaling_factor": scaling}
         scheduler = {**DDIM_CONFIG, **self.config.model.scheduler}
         self.model.eval()
         write_pixel_part(folder, PIXEL_COMPONENTS[self.config.model.decoder], self.model, vae_config, scheduler)
