@@ -706,7 +706,7 @@ def plot(
 
 # ------------------------------------------------------------------------- training
 Stage = Literal["encoder", "tokenizer", "llm", "pixel", "vae", "shapes"]
-BuildStage = Literal["data", "encoder", "tokenizer", "select", "quantizer", "decoder", "vae", "llm", "pixel", "compose"]
+BuildStage = Literal["data", "encoder", "tokenizer", "select", "quantizer", "vae", "llm", "pixel", "compose"]
 
 
 @app.command(name="train")

@@ -175,6 +175,21 @@ GATES = {
 }
 
 
+def exactness(kind: str, scores) -> Dict[str, float]:
+    """Beside the gates (every requested object found; detections that realise none are not
+    counted against them): the share of pictures that are exactly the scene (every object
+    with its colour, shape and cell, nothing extra) and the mean count of extra detections.
+    A picture of noise blobs can pass the gate by chance; it cannot be exact."""
+    return {f"{kind}_exact": float(np.mean([s.correct for s in scores])),
+            f"{kind}_extra_objects": float(np.mean([s.extra for s in scores]))}
+
+
+def image_record(kind: str, caption: str, score) -> dict:
+    return {"kind": kind, "truth": caption, "objects": score.objects, "found": score.found,
+            "shapes_right": score.shapes_right, "extra": score.extra, "correct": bool(score.correct),
+            "detected": [f"{d.colour} {d.shape} at the {d.place}" for d in score.detected]}
+
+
 def shapes(model, seed: int = 10_000, scenes: int = 200, prompts: int = 100, reconstructions: int = 50,
            batch_size: int = 16, progress: Progress = None, settings=None) -> tuple:
     """The bundled model's quality gates on fresh scenes (seed never used in training).
@@ -238,6 +253,8 @@ def shapes(model, seed: int = 10_000, scenes: int = 200, prompts: int = 100, rec
         image_scores = [score_image(Image.fromarray(im), s) for im, s in zip(images, prompt_scenes)]
         metrics["t2i_colour_and_cell"] = float(np.mean([s.found == s.objects for s in image_scores]))
         metrics["t2i_shape"] = float(np.mean([s.shapes_right == s.objects for s in image_scores]))
+        metrics.update(exactness("t2i", image_scores))
+        predictions += [image_record("t2i", caption_of(s), score) for s, score in zip(prompt_scenes, image_scores)]
 
         # reconstruction: image -> its own tokens -> pixels
         kept = []
@@ -247,6 +264,9 @@ def shapes(model, seed: int = 10_000, scenes: int = 200, prompts: int = 100, rec
             kept.append(score_image(Image.fromarray(done.images[0]), scene))
             _tick(progress, "reconstructions", i + 1, reconstructions)
         metrics["reconstruction_colour_and_cell"] = float(np.mean([s.found == s.objects for s in kept]))
+        metrics.update(exactness("reconstruction", kept))
+        predictions += [image_record("reconstruction", caption_of(s), score)
+                        for s, score in zip(world[:reconstructions], kept)]
 
     # dynamic tokens
     tokenized = model.tokenize(pictures, batch_size=batch_size)

@@ -8,8 +8,6 @@ the float16 MLX folder that ships with the package (`lavit train shapes`).
     quantizer  the tokenizer again with its selector and merger frozen: the quantizer
                re-fitted to the kept tokens (configs/quantizer.yaml says why) and the VQ
                decoder trained on its codes
-    decoder    the VQ decoder alone, longer, against whitened features (the whole tokenizer
-               frozen: configs/decoder.yaml says why)
     vae        the pixel decoder's autoencoder
     llm        LaVIT stage 2 (captions in both orders, questions)
     pixel      LaVIT stage 3 on the VAE's latents
@@ -34,9 +32,9 @@ from typing import Callable, Dict, List, Optional
 from ..errors import LaVITError
 
 CONFIGS = Path(__file__).with_name("configs")
-STAGES = ("data", "encoder", "tokenizer", "select", "quantizer", "decoder", "vae", "llm", "pixel", "compose")
-TRAINED = ("encoder", "tokenizer", "quantizer", "decoder", "vae", "llm", "pixel")
-TRAINING_STAGE = {"quantizer": "tokenizer", "decoder": "tokenizer"}  # build steps that run a training stage of another name
+STAGES = ("data", "encoder", "tokenizer", "select", "quantizer", "vae", "llm", "pixel", "compose")
+TRAINED = ("encoder", "tokenizer", "quantizer", "vae", "llm", "pixel")
+TRAINING_STAGE = {"quantizer": "tokenizer"}  # build steps that run a training stage of another name
 DONE = "DONE.json"
 
 
@@ -92,16 +90,15 @@ def stage_overrides(stage: str, options: BuildOptions) -> List[str]:
         "encoder": [f"model.text_tokenizer={p['text']}"],
         "tokenizer": [f"model.init={p['encoder'] / 'model'}"],
         "quantizer": [f"model.init={p['tokenizer'] / 'model'}", f"model.tokenizer_init={p['tokenizer'] / 'model'}"],
-        "decoder": [f"model.init={p['quantizer'] / 'model'}", f"model.tokenizer_init={p['quantizer'] / 'model'}"],
         "vae": [],
-        "llm": [f"model.init={p['decoder'] / 'model'}", f"model.text_tokenizer={p['text']}",
+        "llm": [f"model.init={p['quantizer'] / 'model'}", f"model.text_tokenizer={p['text']}",
                 f"data.train=[{p['train']}, {p['train_vqa']}]"],
         "pixel": [f"model.init={p['llm'] / 'model'}", f"model.vae={p['vae'] / 'model'}"],
     }[stage]
     overrides = common + data + specific
     if stage == "llm":
         overrides.remove(data[0])
-    if stage in ("quantizer", "decoder"):  # the tokenizer's sizes, as the user set them for its first pass
+    if stage == "quantizer":  # the tokenizer's sizes, as the user set them for its first pass
         overrides += [o for o in options.overrides.get("tokenizer", [])
                       if o.startswith("model.") and not o.startswith("model.init=")]
     return overrides + scaled_steps(stage, options) + options.overrides.get(stage, [])

@@ -88,42 +88,28 @@ def test_the_same_seed_gives_the_same_encoder_and_another_seed_does_not(tmp_path
     assert runs["a"] == runs["b"] != runs["c"]
 
 
-@pytest.mark.parametrize("step", ["quantizer", "decoder"])
-def test_the_later_tokenizer_passes_have_the_tokenizer_sizes(step):
-    """configs/quantizer.yaml and configs/decoder.yaml re-run the tokenizer stage on the previous
-    pass's export: their model sizes must be tokenizer.yaml's (the build hands those steps the
-    tokenizer's --set sizes)."""
+def test_the_quantizer_pass_has_the_tokenizer_sizes():
+    """configs/quantizer.yaml re-runs the tokenizer stage on the first pass's export: its model
+    sizes must be tokenizer.yaml's (the build hands the quantizer step the tokenizer's --set sizes)."""
     from lavit_mlx.shapes.build import CONFIGS, stage_overrides
     from lavit_mlx.training.config import load_run_config
 
     first = load_run_config("tokenizer", CONFIGS / "tokenizer.yaml", [f"model.init={CONFIGS}"]).model
-    second = load_run_config("tokenizer", CONFIGS / f"{step}.yaml", [f"model.init={CONFIGS}"]).model
+    second = load_run_config("tokenizer", CONFIGS / "quantizer.yaml", [f"model.init={CONFIGS}"]).model
     for name in ("merger_depth", "num_heads", "mlp_dim", "codebook_size", "code_dim", "decoders", "highres_decoder"):
         assert getattr(first, name) == getattr(second, name), name
     options = BuildOptions(out=Path("runs/x"), overrides=parse_overrides(["tokenizer.model.merger_depth=1",
                                                                           "tokenizer.train.steps=3"]))
-    overrides = stage_overrides(step, options)
+    overrides = stage_overrides("quantizer", options)
     assert "merger_depth=1" in " ".join(overrides) and "train.steps=3" not in overrides
-    previous = {"quantizer": "tokenizer", "decoder": "quantizer"}[step]
-    assert f"model.tokenizer_init={Path(f'runs/x/{previous}/model')}" in overrides
-
-
-def test_the_decoder_pass_freezes_the_whole_tokenizer():
-    """The decoder step must leave every code as the quantizer step made it (the LLM learns those)."""
-    from lavit_mlx.shapes.build import CONFIGS
-    from lavit_mlx.training.config import load_run_config
-
-    config = load_run_config("tokenizer", CONFIGS / "decoder.yaml", [f"model.init={CONFIGS}"])
-    assert set(config.model.frozen) == {"selector", "merger", "projection", "codebook"}
-    assert config.loss.kmeans_iters == 0 and not config.loss.restart_dead and not config.loss.center_features
-    assert config.loss.target_space == "whitened" and not config.loss.calibrate_threshold
+    assert f"model.tokenizer_init={Path('runs/x/tokenizer/model')}" in overrides
 
 
 def test_bad_build_options_are_one_line_errors(tmp_path):
     with pytest.raises(LaVITError, match="STAGE.KEY=VALUE"):
         parse_overrides(["train.steps"])
     with pytest.raises(LaVITError, match="must be one of"):
-        BuildOptions(out=tmp_path, overrides=parse_overrides(["unet.train.steps=3"])).check()
+        BuildOptions(out=tmp_path, overrides=parse_overrides(["decoder.train.steps=3"])).check()
     for args, message in ((["--stop-after", "nothing"], "stop-after"), (["--seed", "-1"], "seed"),
                           (["--config", "x.yaml"], "--config")):
         proc = lavit("train", "shapes", "--out", tmp_path / "x", *args, check=False)

@@ -35,13 +35,17 @@ NOT_STRICT = {"caption_shape"}
 
 
 @pytest.fixture(scope="module")
-def report():
+def evaluated():
     import lavit_mlx
     from lavit_mlx.eval import run
 
     model = lavit_mlx.load()
-    result, _ = run.shapes(model, SEED, SCENES, PROMPTS, RECONSTRUCTIONS, batch_size=12)
-    return result
+    return run.shapes(model, SEED, SCENES, PROMPTS, RECONSTRUCTIONS, batch_size=12)
+
+
+@pytest.fixture(scope="module")
+def report(evaluated):
+    return evaluated[0]
 
 
 def _size(gate: str) -> int:
@@ -58,6 +62,21 @@ def test_gate(report, gate, request):
     bound = GATES[gate]
     margin = 2 * math.sqrt(bound * (1 - bound) / _size(gate))
     assert report["metrics"][gate] >= bound - margin, (gate, report["metrics"][gate], bound)
+
+
+def test_picture_gates_come_with_exact_scenes_and_extra_objects(evaluated):
+    """The picture gates count a requested object found whatever else the checker reads;
+    `*_exact` (nothing extra) and `*_extra_objects` say how much else there was, and every
+    picture's reading is in the predictions."""
+    report, predictions = evaluated
+    metrics = report["metrics"]
+    for kind, count in (("t2i", PROMPTS), ("reconstruction", RECONSTRUCTIONS)):
+        assert 0 <= metrics[f"{kind}_exact"] <= metrics[f"{kind}_colour_and_cell"]
+        records = [p for p in predictions if p["kind"] == kind]
+        assert len(records) == count
+        assert metrics[f"{kind}_extra_objects"] == pytest.approx(sum(r["extra"] for r in records) / count)
+        assert metrics[f"{kind}_exact"] == pytest.approx(sum(r["correct"] for r in records) / count)
+        assert all(len(r["detected"]) >= r["found"] for r in records)
 
 
 def test_dynamic_tokens_follow_the_content(report):

@@ -53,10 +53,10 @@ features): the reconstruction's cosine is taken between PCA-whitened decoded and
 features (`whitening`, fitted once on the `init_batches` batches' target features, kept in
 the stage state), so every principal direction of the features counts alike. With
 `model.frozen` naming every tokenizer part, codebook included (no EMA, no restarts), a run
-trains the decoder alone and every code stays as it was (the shapes build's `decoder` step).
-Measured on the shapes model: after the quantizer pass a linear probe read a held-out object
-patch's colour from the decoded features 15% of the time (chance 17%; its code's row 79%, the
-target 99.7%); 1500 decoder-only steps in the whitened space give 53%.
+trains the decoder alone and every code stays as it was. Measured on the bundled shapes
+model (2026-12-06): a linear probe read a held-out object patch's colour from the decoded
+features 15% of the time (chance 17%; its code's row 79%, the target 99.7%); 1500
+decoder-only steps in the whitened space (lr 2e-3) gave 53% (`lavit_mlx/shapes/probes.py`).
 
 The paper's sum over the 256 patches is taken as a mean here (so `keep_weight` is on the
 scale of one patch). The keep fraction is the batch's, so images with more content can keep
