@@ -687,7 +687,7 @@ def eval_shapes(
 
     lavit = _open_model(model, None)
     with Reporter({}) as reporter:
-        report, predictions = run.shapes(lavit, seed, scenes, min(prompts, scenes), min(reconstructions, scenes),
+        report, predictions = run.shapes(lavit, seed, scenes, prompts, reconstructions,
                                          batch_size, _eval_progress(reporter))
     _write_eval(report, predictions, out, as_json)
 

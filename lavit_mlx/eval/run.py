@@ -213,8 +213,12 @@ def shapes(model, seed: int = 10_000, scenes: int = 200, prompts: int = 100, rec
     settings = settings or GenerationSettings(seed=seed)
     decoder = pixel_component(settings.decoder)
     draws = model.config.component(decoder) is not None
-    world = list(make_scenes(seed, scenes))
-    pictures = [render(scene) for scene in world]
+    # one draw of the world: the first `scenes` are captioned and questioned, the first
+    # `prompts` drawn from their captions, the first `reconstructions` reconstructed
+    drawn = list(make_scenes(seed, max(scenes, prompts, reconstructions)))
+    world = drawn[:scenes]
+    rendered = [render(scene) for scene in drawn[:max(scenes, reconstructions if draws else 0)]]
+    pictures = rendered[:scenes]
     metrics: Dict[str, float] = {}
     predictions: List[dict] = []
 
@@ -248,7 +252,7 @@ def shapes(model, seed: int = 10_000, scenes: int = 200, prompts: int = 100, rec
 
     if draws:
         # text to image
-        prompt_scenes = world[:prompts]
+        prompt_scenes = drawn[:prompts]
         images = generate_images(model, [caption_of(s) for s in prompt_scenes], settings, batch_size, progress)
         image_scores = [score_image(Image.fromarray(im), s) for im, s in zip(images, prompt_scenes)]
         metrics["t2i_colour_and_cell"] = float(np.mean([s.found == s.objects for s in image_scores]))
@@ -258,15 +262,15 @@ def shapes(model, seed: int = 10_000, scenes: int = 200, prompts: int = 100, rec
 
         # reconstruction: image -> its own tokens -> pixels
         kept = []
-        for i, scene in enumerate(world[:reconstructions]):
-            done = run_stages(reconstruct_stages(model, pictures[i], GenerationSettings(seed=seed + i,
+        for i, scene in enumerate(drawn[:reconstructions]):
+            done = run_stages(reconstruct_stages(model, rendered[i], GenerationSettings(seed=seed + i,
                                                                                         decoder=settings.decoder)))
             kept.append(score_image(Image.fromarray(done.images[0]), scene))
             _tick(progress, "reconstructions", i + 1, reconstructions)
         metrics["reconstruction_colour_and_cell"] = float(np.mean([s.found == s.objects for s in kept]))
         metrics.update(exactness("reconstruction", kept))
         predictions += [image_record("reconstruction", caption_of(s), score)
-                        for s, score in zip(world[:reconstructions], kept)]
+                        for s, score in zip(drawn[:reconstructions], kept)]
 
     # dynamic tokens
     tokenized = model.tokenize(pictures, batch_size=batch_size)

@@ -133,3 +133,15 @@ def test_eval_shapes_without_a_pixel_decoder_measures_the_rest(cli, tmp_path):
     assert "t2i_shape" not in report["metrics"] and "reconstruction_colour_and_cell" not in report["metrics"]
     assert set(report["settings"]["skipped"]) == {"t2i_colour_and_cell", "t2i_shape", "reconstruction_colour_and_cell"}
     assert {p["kind"] for p in predictions} == {"caption", "vqa"}
+
+
+def test_eval_shapes_draws_as_many_prompts_and_reconstructions_as_asked(cli, tmp_path):
+    """More prompts or reconstructions than captioned scenes: the world is drawn far enough
+    for each (it used to stop at --scenes, silently)."""
+    code, out, err = cli("eval", "shapes", "--scenes", "2", "--prompts", "3", "--reconstructions", "3",
+                         "--out", tmp_path / "eval")
+    assert code == 0, err[-2000:]
+    report, predictions = report_of(tmp_path / "eval", "shapes")
+    kinds = [p["kind"] for p in predictions]
+    assert kinds.count("caption") == 2 and kinds.count("t2i") == 3 and kinds.count("reconstruction") == 3
+    assert report["metrics"]["t2i_colour_and_cell"] in (0.0, 1 / 3, 2 / 3, 1.0)

@@ -17,9 +17,10 @@ shapes world after 800 steps of 64 px crops: blue (30, 60, 230) came back as (34
 from a crop, (54, 178, 168) from the whole picture). The last `loss.full_picture_steps` steps
 therefore train on whole pictures, `loss.full_batch_size` at a time. Evaluation decodes whole held-out pictures from the
 posterior mean: PSNR, and the shapes checker on the reconstructions (every object read
-with its colour, shape and cell). A decoder-only run (`model.init` + `model.frozen: [encoder]`, this project's) starts from a
-trained VAE and leaves its encoder as it is, so the latents, and a UNet trained on them, stay
-valid; the export keeps the init's `scaling_factor`. (Measured on the shapes VAE: the shapes
+with its colour, shape and cell). A decoder-only run (`model.init` + `model.frozen:
+[encoder]`, this project's) starts from a trained VAE and leaves its encoder as it is, so
+the latents, and a UNet trained on them, stay valid; the export keeps the init's
+`scaling_factor`. (Measured on the shapes VAE: the shapes
 checker read every object's colour and cell back from only 30% of its whole-picture
 reconstructions, red coming back orange or purple; the UNet cannot do better than that.)
 The export is the VAE's diffusers folder in `out/model`
@@ -499,7 +500,8 @@ class VAEStage(Stage):
         """The VAE (with scaling_factor = 1 / latent std) and the scheduler config into `folder`."""
         if self._latent_std is None:
             self.evaluate()
-        scaling = self.kept_scaling or round(1.0 / max(self._latent_std, 1e-6), 5)  # frozen encoder: the latents the UNet knows
+        # a frozen encoder keeps the init's scaling: the latents a UNet was trained on
+        scaling = self.kept_scaling or round(1.0 / max(self._latent_std, 1e-6), 5)
         vae_config = {**self.vae_config, "scaling_factor": scaling}
         scheduler = {**DDIM_CONFIG, **self.config.model.scheduler}
         self.model.eval()
